@@ -1,0 +1,5 @@
+"""One epoll loop that runs the device data planes."""
+
+from strato.events.loop import EventLoop
+
+__all__ = ["EventLoop"]

@@ -1,0 +1,1 @@
+"""virtio: split virtqueues, the device interface, and transports."""
