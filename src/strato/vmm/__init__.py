@@ -1,0 +1,1 @@
+"""The VMM: configuration, the boot recipe, vCPU threads, the VM state machine."""

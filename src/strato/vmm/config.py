@@ -1,0 +1,129 @@
+"""VM configuration as frozen dataclasses. Field names follow Cloud Hypervisor's VmConfig
+(vmm/src/vm_config.rs and its OpenAPI description) so that a config round-trips through the
+REST API unchanged."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be built, with a message naming the option and value."""
+
+
+class ConsoleMode(enum.Enum):
+    OFF = "Off"
+    NULL = "Null"
+    TTY = "Tty"
+    FILE = "File"
+    PTY = "Pty"
+    SOCKET = "Socket"
+
+
+@dataclass(frozen=True)
+class PayloadConfig:
+    kernel: Path | None = None
+    cmdline: str | None = None
+    initramfs: Path | None = None
+    firmware: Path | None = None
+
+
+@dataclass(frozen=True)
+class CpusConfig:
+    boot_vcpus: int = 1
+    max_vcpus: int = 1
+
+
+@dataclass(frozen=True)
+class MemoryConfig:
+    size: int = 512 << 20
+    shared: bool = False
+    hugepages: bool = False
+
+
+@dataclass(frozen=True)
+class ConsoleConfig:
+    mode: ConsoleMode = ConsoleMode.NULL
+    file: Path | None = None
+
+
+@dataclass(frozen=True)
+class RateLimiterConfig:
+    bw_size: int = 0
+    bw_one_time_burst: int = 0
+    bw_refill_time: int = 0
+    ops_size: int = 0
+    ops_one_time_burst: int = 0
+    ops_refill_time: int = 0
+
+
+@dataclass(frozen=True)
+class DiskConfig:
+    path: Path
+    readonly: bool = False
+    direct: bool = False
+    num_queues: int = 1
+    queue_size: int = 128
+    id: str | None = None
+    serial: str | None = None
+    rate_limiter: RateLimiterConfig | None = None
+
+
+@dataclass(frozen=True)
+class NetConfig:
+    tap: str | None = None
+    mac: str | None = None
+    host_mac: str | None = None
+    ip: str = "192.168.249.1"
+    mask: str = "255.255.255.0"
+    mtu: int | None = None
+    num_queues: int = 2
+    queue_size: int = 256
+    id: str | None = None
+    rate_limiter: RateLimiterConfig | None = None
+
+
+@dataclass(frozen=True)
+class RngConfig:
+    src: Path = Path("/dev/urandom")
+
+
+@dataclass(frozen=True)
+class VmConfig:
+    payload: PayloadConfig = field(default_factory=PayloadConfig)
+    cpus: CpusConfig = field(default_factory=CpusConfig)
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
+    serial: ConsoleConfig = field(default_factory=lambda: ConsoleConfig(ConsoleMode.NULL))
+    console: ConsoleConfig = field(default_factory=lambda: ConsoleConfig(ConsoleMode.TTY))
+    disks: tuple[DiskConfig, ...] = ()
+    net: tuple[NetConfig, ...] = ()
+    rng: RngConfig | None = None
+    no_reboot: bool = False
+    acpi: bool = True
+
+    def validate(self) -> None:
+        """Check what can be checked without touching KVM; raise ConfigError naming the field."""
+        p = self.payload
+        if p.kernel is None and p.firmware is None:
+            raise ConfigError("a payload is required: --kernel (or --firmware)")
+        for what, path in (("kernel", p.kernel), ("initramfs", p.initramfs), ("firmware", p.firmware)):
+            if path is not None and not Path(path).is_file():
+                raise ConfigError(f"--{what} {path}: no such file")
+        if not 1 <= self.cpus.boot_vcpus <= 254:
+            raise ConfigError(f"--cpus boot={self.cpus.boot_vcpus}: must be between 1 and 254")
+        if self.cpus.max_vcpus < self.cpus.boot_vcpus:
+            raise ConfigError(
+                f"--cpus max={self.cpus.max_vcpus}: must be at least boot={self.cpus.boot_vcpus}"
+            )
+        if self.memory.size < (16 << 20):
+            raise ConfigError(f"--memory size={self.memory.size}: at least 16M is needed")
+        if self.memory.size % 4096:
+            raise ConfigError(f"--memory size={self.memory.size}: must be a multiple of 4 KiB")
+        for c, name in ((self.serial, "serial"), (self.console, "console")):
+            if c.mode is ConsoleMode.FILE and c.file is None:
+                raise ConfigError(f"--{name} file=: a path is required")
+        for d in self.disks:
+            if not Path(d.path).exists():
+                raise ConfigError(f"--disk path={d.path}: no such file")

@@ -1,0 +1,139 @@
+"""One thread per vCPU running KVM_RUN, with pause/resume and a kick signal.
+
+A vCPU sitting in KVM_RUN only comes back when the guest exits or a signal arrives. To pause
+or stop, strato sets `immediate_exit` (so a KVM_RUN that starts after the request returns at
+once) and sends the thread a real-time signal (so one already running returns with EINTR).
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from collections.abc import Callable
+
+from strato.bus import Bus
+from strato.kvm import VcpuFd
+from strato.vmm.exit_handler import handle_exit
+from strato.vmm.stop import Stop, StopReason
+
+log = logging.getLogger(__name__)
+
+KICK_SIGNAL = signal.SIGRTMIN
+_kick_installed = False
+
+
+def install_kick_handler() -> bool:
+    """Install a no-op handler for the kick signal (only possible on the main thread)."""
+    global _kick_installed
+    if _kick_installed:
+        return True
+    try:
+        signal.signal(KICK_SIGNAL, lambda signum, frame: None)
+    except ValueError:
+        log.warning("not on the main thread: vCPUs in KVM_RUN cannot be kicked; pausing waits")
+        return False
+    signal.siginterrupt(KICK_SIGNAL, True)
+    _kick_installed = True
+    return True
+
+
+class Vcpu:
+    def __init__(
+        self,
+        fd: VcpuFd,
+        pio: Bus,
+        mmio: Bus,
+        on_stop: Callable[[Stop], None],
+        on_thread_start: Callable[[], None] | None = None,
+    ) -> None:
+        self.fd = fd
+        self.id = fd.id
+        self.pio = pio
+        self.mmio = mmio
+        self._on_stop = on_stop
+        self._on_thread_start = on_thread_start
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Condition()
+        self._pause_requested = False
+        self._paused = False
+        self._stop_requested = False
+        self.exits = 0
+
+    # -- control (any thread) -------------------------------------------------------------------
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name=f"vcpu{self.id}", daemon=True)
+        self._thread.start()
+
+    def kick(self) -> None:
+        self.fd.set_immediate_exit(True)
+        t = self._thread
+        if t is not None and t.ident is not None and t.is_alive():
+            try:
+                signal.pthread_kill(t.ident, KICK_SIGNAL)
+            except ProcessLookupError:
+                pass
+
+    def request_stop(self) -> None:
+        with self._lock:
+            self._stop_requested = True
+            self._lock.notify_all()
+        self.kick()
+
+    def pause(self, timeout: float = 5.0) -> bool:
+        """Ask the vCPU to park outside KVM_RUN and wait until it has."""
+        with self._lock:
+            self._pause_requested = True
+        self.kick()
+        with self._lock:
+            return self._lock.wait_for(
+                lambda: self._paused or self._thread is None or not self._thread.is_alive(),
+                timeout,
+            )
+
+    def resume(self) -> None:
+        with self._lock:
+            self._pause_requested = False
+            self._lock.notify_all()
+
+    def join(self, timeout: float | None = None) -> None:
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout)
+
+    @property
+    def paused(self) -> bool:
+        return self._paused
+
+    # -- the vCPU thread ------------------------------------------------------------------------
+    def _park(self) -> None:
+        with self._lock:
+            self._paused = True
+            self._lock.notify_all()
+            self._lock.wait_for(lambda: not self._pause_requested or self._stop_requested)
+            self._paused = False
+            self._lock.notify_all()
+
+    def _run(self) -> None:
+        if self._on_thread_start is not None:
+            self._on_thread_start()
+        fd, pio, mmio = self.fd, self.pio, self.mmio
+        stop: Stop | None = None
+        try:
+            while True:
+                if self._pause_requested:
+                    self._park()
+                if self._stop_requested:
+                    break
+                fd.set_immediate_exit(False)
+                if self._pause_requested or self._stop_requested:
+                    continue
+                exit = fd.run()
+                self.exits += 1
+                stop = handle_exit(exit, fd, pio, mmio)
+                if stop is not None:
+                    break
+        except Exception as e:  # a device or KVM failure must end the VM with a message
+            log.exception("vCPU %d failed", self.id)
+            stop = Stop(StopReason.VMM_ERROR, f"vCPU {self.id}: {e}", self.id)
+        if stop is not None:
+            self._on_stop(stop)
