@@ -67,13 +67,13 @@ class InternalError:
         what = names.get(self.suberror, f"suberror {self.suberror}")
         detail = ""
         if self.suberror == ioctls.KVM_INTERNAL_ERROR_EMULATION and len(self.data) >= 3:
-            # data[0] = flags (bit 0: instruction bytes valid), data[1] = count,
-            # data[2..] = instruction bytes, packed little endian (KVM_INTERNAL_ERROR_EMULATION_
-            # FLAG_INSTRUCTION_BYTES since Linux 5.14).
-            flags, n = self.data[0], self.data[1]
+            # struct emulation_failure: u64 flags (bit 0: instruction bytes valid), then
+            # u8 insn_size and u8 insn_bytes[15] (Linux 5.14 and later).
+            flags = self.data[0]
+            raw = b"".join(v.to_bytes(8, "little") for v in self.data[1:3])
+            n = raw[0]
             if flags & 1 and 0 < n <= 15:
-                raw = b"".join(x.to_bytes(8, "little") for x in self.data[2:4])[:n]
-                detail = " instruction bytes " + raw.hex(" ")
+                detail = " (instruction bytes " + raw[1 : 1 + n].hex(" ") + ")"
         if not detail and self.data:
             detail = " data " + " ".join(f"{x:#x}" for x in self.data)
         return what + detail

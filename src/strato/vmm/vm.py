@@ -7,6 +7,7 @@ import logging
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from strato.vmm.machine import Machine
 from strato.vmm.stop import Stop, StopReason
@@ -48,6 +49,8 @@ class Vm:
     state: VmState = VmState.CREATED
     stop_result: Stop | None = None
     vcpus: list[Vcpu] = field(default_factory=list)
+    devices: dict[str, Any] = field(default_factory=dict)
+    boot_times: Any = None
     _stopped: threading.Event = field(default_factory=threading.Event)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 

@@ -1,0 +1,93 @@
+"""`strato`'s flags, with Cloud Hypervisor's names and syntax."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import NoReturn
+
+from strato import __version__
+from strato.vmm import options
+from strato.vmm.config import (
+    ConfigError,
+    ConsoleConfig,
+    ConsoleMode,
+    CpusConfig,
+    MemoryConfig,
+    PayloadConfig,
+    VmConfig,
+)
+from strato.vmm.stop import EXIT_CONFIG_ERROR
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        self.exit(EXIT_CONFIG_ERROR, f"strato: error: {message}\n")
+
+
+def build_parser() -> ArgumentParser:
+    p = ArgumentParser(
+        prog="strato",
+        description="strato: a virtual machine monitor on KVM with Cloud Hypervisor's interface",
+        allow_abbrev=False,
+    )
+    p.add_argument("--kernel", metavar="PATH", help="kernel: bzImage or ELF vmlinux with PVH entry")
+    p.add_argument("--initramfs", metavar="PATH", help="initramfs (cpio archive)")
+    p.add_argument("--cmdline", metavar="STRING", help="kernel command line")
+    p.add_argument("--firmware", metavar="PATH", help="firmware (not yet supported)")
+    p.add_argument("--cpus", default="boot=1", metavar="boot=N[,max=N]", help="vCPUs (boot=1)")
+    p.add_argument(
+        "--memory", default="size=512M", metavar="size=SIZE[,shared=on]", help="RAM (size=512M)"
+    )
+    p.add_argument("--serial", default="null", metavar="off|null|tty|file=PATH",
+                   help="the 16550 on COM1 (null)")
+    p.add_argument("--console", default="tty", metavar="off|null|tty|file=PATH",
+                   help="the virtio console (tty)")
+    p.add_argument("--disk", action="append", default=[], metavar="path=PATH[,...]",
+                   help="a virtio-blk disk (repeatable)")
+    p.add_argument("--net", action="append", default=[], metavar="tap=NAME[,...]",
+                   help="a virtio-net device on a tap (repeatable)")
+    p.add_argument("--rng", metavar="src=PATH", help="a virtio-rng device")
+    p.add_argument("--api-socket", metavar="path=PATH|fd=N", help="serve the REST API")
+    p.add_argument("--event-monitor", metavar="path=PATH|fd=N", help="write JSON events")
+    p.add_argument("--seccomp", default="true", choices=["true", "false", "log"],
+                   help="seccomp filtering (true)")
+    p.add_argument("--no-reboot", action="store_true",
+                   help="exit instead of rebooting when the guest resets")
+    p.add_argument("--log-file", metavar="PATH", help="write the log here instead of stderr")
+    p.add_argument("-v", action="count", default=0, dest="verbose",
+                   help="more log output (repeatable)")
+    p.add_argument("-V", "--version", action="version", version=f"strato {__version__}")
+    return p
+
+
+def config_from_args(ns: argparse.Namespace) -> VmConfig:
+    """Turn parsed flags into a VmConfig; ConfigError names the flag and value."""
+    cpus: CpusConfig = options.parse_cpus(ns.cpus)
+    memory: MemoryConfig = options.parse_memory(ns.memory)
+    serial: ConsoleConfig = options.parse_console("serial", ns.serial)
+    console: ConsoleConfig = options.parse_console("console", ns.console)
+    if serial.mode is ConsoleMode.TTY and console.mode is ConsoleMode.TTY:
+        raise ConfigError("--serial tty and --console tty: only one of them can use the terminal")
+    payload = PayloadConfig(
+        kernel=Path(ns.kernel) if ns.kernel else None,
+        cmdline=ns.cmdline,
+        initramfs=Path(ns.initramfs) if ns.initramfs else None,
+        firmware=Path(ns.firmware) if ns.firmware else None,
+    )
+    if ns.firmware:
+        raise ConfigError("--firmware: firmware boot is not supported yet; use --kernel")
+    cfg = VmConfig(
+        payload=payload,
+        cpus=cpus,
+        memory=memory,
+        serial=serial,
+        console=console,
+        disks=tuple(options.parse_disk(d) for d in ns.disk),
+        net=tuple(options.parse_net(n) for n in ns.net),
+        rng=options.parse_rng(ns.rng) if ns.rng else None,
+        no_reboot=ns.no_reboot,
+    )
+    return cfg

@@ -1,0 +1,135 @@
+"""The boot recipe, one linear function: memory -> VM -> vCPUs -> devices -> kernel -> run.
+
+Reading `build_vm` top to bottom tells how a strato VM comes to be (Firecracker's builder.rs
+is the model).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from strato.boot import BootError, load_kernel, setup_boot_cpu, write_mptable
+from strato.devices.legacy.debug_port import DebugPort
+from strato.devices.legacy.i8042 import I8042, I8042_PORT, I8042_PORT_LEN
+from strato.devices.legacy.rtc import RTC_PORT, RTC_PORT_LEN, CmosRtc
+from strato.devices.legacy.serial import Serial
+from strato.devices.legacy.serial_output import (
+    FileSink,
+    NullSink,
+    OutputLike,
+    SerialOutput,
+    TtySink,
+)
+from strato.memory.layout import LAYOUT
+from strato.vmm import cpu_setup
+from strato.vmm.config import ConfigError, ConsoleMode, VmConfig
+from strato.vmm.machine import Machine
+from strato.vmm.stop import Stop, StopReason
+from strato.vmm.vm import Vm
+
+log = logging.getLogger(__name__)
+
+COM1_PORT = 0x3F8
+COM1_GSI = 4
+DEBUG_PORT = 0x80
+
+DEFAULT_CMDLINE = "console=ttyS0 reboot=k panic=1"
+
+
+@dataclass
+class BootTimes:
+    """Monotonic timestamps (ns) of the boot recipe's steps, for `strato -v` and benchmarks."""
+
+    start: int = field(default_factory=time.monotonic_ns)
+    steps: list[tuple[str, int]] = field(default_factory=list)
+
+    def mark(self, step: str) -> None:
+        self.steps.append((step, time.monotonic_ns()))
+
+    def report(self) -> str:
+        prev = self.start
+        parts = []
+        for name, t in self.steps:
+            parts.append(f"{name} {(t - prev) / 1e6:.1f} ms")
+            prev = t
+        return ", ".join(parts)
+
+
+def serial_output(config: VmConfig) -> SerialOutput:
+    mode = config.serial.mode
+    if mode is ConsoleMode.TTY:
+        return TtySink(1)
+    if mode is ConsoleMode.FILE:
+        assert config.serial.file is not None
+        try:
+            return FileSink(config.serial.file)
+        except OSError as e:
+            raise ConfigError(f"--serial file={config.serial.file}: {e.strerror}") from None
+    if mode is ConsoleMode.PTY:
+        raise ConfigError("--serial pty: not supported yet; use tty, file=PATH, null or off")
+    return NullSink()
+
+
+def build_vm(
+    config: VmConfig,
+    *,
+    serial_out: OutputLike | None = None,
+    times: BootTimes | None = None,
+) -> Vm:
+    """Build a VM from `config`, ready to `start()`. Raises ConfigError or BootError."""
+    config.validate()
+    times = times or BootTimes()
+    nr_vcpus = config.cpus.boot_vcpus
+
+    # 1. The machine: KVM VM, guest memory, in-kernel irqchip and PIT, vCPU fds.
+    machine = Machine.create(config.memory.size, nr_vcpus, config.memory.shared)
+    times.mark("vm")
+    try:
+        vm = Vm(machine)
+
+        # 2. Legacy devices on the PIO bus.
+        def reset() -> None:
+            vm.request_stop(Stop(StopReason.RESET, "the guest reset the machine (i8042)"))
+
+        if config.serial.mode is not ConsoleMode.OFF:
+            out = serial_out if serial_out is not None else serial_output(config)
+            serial = Serial(machine.irqfd_trigger(COM1_GSI), out)
+            machine.pio.insert(serial, COM1_PORT, 8)
+            vm.devices["serial"] = serial
+        machine.pio.insert(I8042(on_reset=reset), I8042_PORT, I8042_PORT_LEN)
+        low = min(config.memory.size, LAYOUT.mmio32_start)
+        high = max(0, config.memory.size - LAYOUT.mmio32_start)
+        machine.pio.insert(CmosRtc(low, high, cpus=nr_vcpus), RTC_PORT, RTC_PORT_LEN)
+        debug = DebugPort(times.start)
+        machine.pio.insert(debug, DEBUG_PORT, 1)
+        vm.devices["debug_port"] = debug
+        times.mark("devices")
+
+        # 3. Platform tables, then the payload.
+        write_mptable(machine.memory, nr_vcpus)
+        payload = config.payload
+        assert payload.kernel is not None
+        cmdline = payload.cmdline if payload.cmdline is not None else DEFAULT_CMDLINE
+        kernel = load_kernel(machine.memory, Path(payload.kernel), cmdline, payload.initramfs)
+        times.mark("load")
+
+        # 4. vCPUs: CPUID and MSRs for all, LINT0/1 for all, boot state for the BSP.
+        base_cpuid = cpu_setup.host_cpuid(machine.kvm)
+        state = setup_boot_cpu(machine.memory, kernel)
+        for fd in machine.vcpus:
+            cpu_setup.set_cpuid(fd, base_cpuid, nr_vcpus)
+            cpu_setup.set_msrs(fd, state.msrs)
+            cpu_setup.set_lint(fd)
+        cpu_setup.set_boot_state(machine.vcpus[0], state)
+        times.mark("vcpus")
+        vm.boot_times = times
+        return vm
+    except BaseException:
+        machine.close()
+        raise
+
+
+__all__ = ["BootError", "BootTimes", "ConfigError", "build_vm"]

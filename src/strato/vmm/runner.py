@@ -1,0 +1,110 @@
+"""Run a VM to the end: build, start, wait, and reboot on a guest reset unless told not to."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import threading
+from collections.abc import Callable
+
+from strato.devices.legacy.serial_output import OutputLike
+from strato.vmm.builder import BootTimes, build_vm
+from strato.vmm.config import ConsoleMode, VmConfig
+from strato.vmm.platform import warn_if_emulated
+from strato.vmm.stop import Stop, StopReason
+from strato.vmm.vm import Vm
+
+log = logging.getLogger(__name__)
+
+MAX_REBOOTS = 1000  # a guest that resets forever is stopped eventually
+
+
+def run(
+    config: VmConfig,
+    *,
+    serial_out: OutputLike | None = None,
+    on_started: Callable[[Vm], None] | None = None,
+    timeout: float | None = None,
+) -> Stop:
+    """Boot `config` and wait for the guest to stop. A guest reset boots it again unless
+    `config.no_reboot`. Returns the final Stop (its `exit_status` is the command's)."""
+    warn_if_emulated()
+    for _ in range(MAX_REBOOTS):
+        times = BootTimes()
+        vm = build_vm(config, serial_out=serial_out, times=times)
+        stdin_pump = None
+        try:
+            vm.start()
+            times.mark("first KVM_RUN")
+            log.info("boot steps: %s", times.report())
+            if on_started is not None:
+                on_started(vm)
+            if config.serial.mode is ConsoleMode.TTY and "serial" in vm.devices:
+                stdin_pump = TerminalInput(vm.devices["serial"].enqueue_input)
+                stdin_pump.start()
+            stop = vm.wait(timeout)
+            if stop is None:
+                stop = Stop(StopReason.REQUESTED, f"timed out after {timeout} s")
+        finally:
+            if stdin_pump is not None:
+                stdin_pump.stop()
+            serial = vm.devices.get("serial")
+            vm.shutdown()
+            if serial is not None:
+                serial.close()
+        if stop.reason is StopReason.RESET and not config.no_reboot:
+            log.info("rebooting")
+            continue
+        return stop
+    return Stop(StopReason.VMM_ERROR, f"the guest reset {MAX_REBOOTS} times; giving up")
+
+
+class TerminalInput:
+    """Forwards the terminal's input to the guest console, in raw mode while the VM runs."""
+
+    def __init__(self, sink: Callable[[bytes], int], fd: int = 0) -> None:
+        self._sink = sink
+        self._fd = fd
+        self._saved: list[object] | None = None
+        self._stop_r, self._stop_w = os.pipe()
+        self._thread = threading.Thread(target=self._run, name="stdin", daemon=True)
+
+    def start(self) -> None:
+        if not os.isatty(self._fd):
+            return
+        import termios
+        import tty
+
+        self._saved = termios.tcgetattr(self._fd)
+        tty.setraw(self._fd)
+        self._thread.start()
+
+    def _run(self) -> None:
+        import select
+
+        while True:
+            r, _, _ = select.select([self._fd, self._stop_r], [], [])
+            if self._stop_r in r:
+                return
+            data = os.read(self._fd, 1024)
+            if not data:
+                return
+            while data:
+                n = self._sink(data)
+                data = data[n:]
+                if data:
+                    select.select([self._stop_r], [], [], 0.01)
+
+    def stop(self) -> None:
+        os.write(self._stop_w, b"x")
+        if self._thread.is_alive():
+            self._thread.join(1)
+        if self._saved is not None:
+            import termios
+
+            termios.tcsetattr(self._fd, termios.TCSADRAIN, self._saved)  # type: ignore[arg-type]
+            self._saved = None
+        os.close(self._stop_r)
+        os.close(self._stop_w)
+        sys.stdout.flush()
