@@ -28,7 +28,9 @@ class Bus:
         self.name = name
         self._bases: list[int] = []
         self._entries: list[tuple[int, int, BusDevice]] = []  # (base, end, device)
-        self._lock = threading.Lock()  # only for inserts/removals (hotplug); lookups read a snapshot
+        self._lock = (
+            threading.Lock()
+        )  # only for inserts/removals (hotplug); lookups read a snapshot
 
     def insert(self, device: BusDevice, base: int, length: int) -> None:
         if length <= 0:
@@ -38,14 +40,10 @@ class Bus:
             i = bisect.bisect_left(self._bases, base)
             if i > 0 and self._entries[i - 1][1] > base:
                 b, e, _ = self._entries[i - 1]
-                raise BusError(
-                    f"{self.name}: [{base:#x}, {end:#x}) overlaps [{b:#x}, {e:#x})"
-                )
+                raise BusError(f"{self.name}: [{base:#x}, {end:#x}) overlaps [{b:#x}, {e:#x})")
             if i < len(self._entries) and self._entries[i][0] < end:
                 b, e, _ = self._entries[i]
-                raise BusError(
-                    f"{self.name}: [{base:#x}, {end:#x}) overlaps [{b:#x}, {e:#x})"
-                )
+                raise BusError(f"{self.name}: [{base:#x}, {end:#x}) overlaps [{b:#x}, {e:#x})")
             bases = list(self._bases)
             entries = list(self._entries)
             bases.insert(i, base)

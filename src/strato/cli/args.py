@@ -41,24 +41,48 @@ def build_parser() -> ArgumentParser:
     p.add_argument(
         "--memory", default="size=512M", metavar="size=SIZE[,shared=on]", help="RAM (size=512M)"
     )
-    p.add_argument("--serial", default="null", metavar="off|null|tty|file=PATH",
-                   help="the 16550 on COM1 (null)")
-    p.add_argument("--console", default="tty", metavar="off|null|tty|file=PATH",
-                   help="the virtio console (tty)")
-    p.add_argument("--disk", action="append", default=[], metavar="path=PATH[,...]",
-                   help="a virtio-blk disk (repeatable)")
-    p.add_argument("--net", action="append", default=[], metavar="tap=NAME[,...]",
-                   help="a virtio-net device on a tap (repeatable)")
+    p.add_argument(
+        "--serial",
+        default="null",
+        metavar="off|null|tty|file=PATH",
+        help="the 16550 on COM1 (null)",
+    )
+    p.add_argument(
+        "--console",
+        default="tty",
+        metavar="off|null|tty|file=PATH",
+        help="the virtio console (tty)",
+    )
+    p.add_argument(
+        "--disk",
+        action="append",
+        default=[],
+        metavar="path=PATH[,...]",
+        help="a virtio-blk disk (repeatable)",
+    )
+    p.add_argument(
+        "--net",
+        action="append",
+        default=[],
+        metavar="tap=NAME[,...]",
+        help="a virtio-net device on a tap (repeatable)",
+    )
     p.add_argument("--rng", metavar="src=PATH", help="a virtio-rng device")
     p.add_argument("--api-socket", metavar="path=PATH|fd=N", help="serve the REST API")
     p.add_argument("--event-monitor", metavar="path=PATH|fd=N", help="write JSON events")
-    p.add_argument("--seccomp", default="true", choices=["true", "false", "log"],
-                   help="seccomp filtering (true)")
-    p.add_argument("--no-reboot", action="store_true",
-                   help="exit instead of rebooting when the guest resets")
+    p.add_argument(
+        "--seccomp",
+        default="true",
+        choices=["true", "false", "log"],
+        help="seccomp filtering (true)",
+    )
+    p.add_argument(
+        "--no-reboot", action="store_true", help="exit instead of rebooting when the guest resets"
+    )
     p.add_argument("--log-file", metavar="PATH", help="write the log here instead of stderr")
-    p.add_argument("-v", action="count", default=0, dest="verbose",
-                   help="more log output (repeatable)")
+    p.add_argument(
+        "-v", action="count", default=0, dest="verbose", help="more log output (repeatable)"
+    )
     p.add_argument("-V", "--version", action="version", version=f"strato {__version__}")
     return p
 

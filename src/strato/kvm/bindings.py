@@ -8,8 +8,6 @@ from __future__ import annotations
 import ctypes
 from ctypes import c_int32, c_uint8, c_uint16, c_uint32, c_uint64
 
-# ruff: noqa: N801  (keep the kernel's struct names)
-
 
 class kvm_regs(ctypes.Structure):
     _fields_ = [

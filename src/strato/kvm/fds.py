@@ -52,9 +52,11 @@ class Kvm:
         return ioctl_int(self.fd, k.KVM_GET_VCPU_MMAP_SIZE, what="KVM_GET_VCPU_MMAP_SIZE")
 
     def max_vcpus(self) -> int:
-        return self.check_extension(k.KVM_CAP_MAX_VCPUS) or self.check_extension(
-            k.KVM_CAP_NR_VCPUS
-        ) or 4
+        return (
+            self.check_extension(k.KVM_CAP_MAX_VCPUS)
+            or self.check_extension(k.KVM_CAP_NR_VCPUS)
+            or 4
+        )
 
     def supported_cpuid(self, max_entries: int = 256) -> list[b.kvm_cpuid_entry2]:
         buf = b.flexible(b.kvm_cpuid2, b.kvm_cpuid_entry2, max_entries)()

@@ -9,6 +9,7 @@ place.
 from __future__ import annotations
 
 import ctypes
+import itertools
 import mmap
 import os
 import struct
@@ -62,7 +63,7 @@ class GuestMemory:
 
     def __init__(self, regions: list[GuestRegion]) -> None:
         ordered = sorted(regions, key=lambda r: r.start)
-        for a, b in zip(ordered, ordered[1:], strict=False):
+        for a, b in itertools.pairwise(ordered):
             if a.end > b.start:
                 raise GuestMemoryError(
                     f"regions overlap: [{a.start:#x}, {a.end:#x}) and [{b.start:#x}, {b.end:#x})"
@@ -94,7 +95,10 @@ class GuestMemory:
         offset = 0
         for start, size in ranges:
             mm = mmap.mmap(
-                fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE,
+                fd,
+                size,
+                flags=mmap.MAP_SHARED,
+                prot=mmap.PROT_READ | mmap.PROT_WRITE,
                 offset=offset,
             )
             regions.append(GuestRegion(start, size, mm, fd=fd, fd_offset=offset))

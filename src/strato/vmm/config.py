@@ -108,7 +108,8 @@ class VmConfig:
         p = self.payload
         if p.kernel is None and p.firmware is None:
             raise ConfigError("a payload is required: --kernel (or --firmware)")
-        for what, path in (("kernel", p.kernel), ("initramfs", p.initramfs), ("firmware", p.firmware)):
+        files = (("kernel", p.kernel), ("initramfs", p.initramfs), ("firmware", p.firmware))
+        for what, path in files:
             if path is not None and not Path(path).is_file():
                 raise ConfigError(f"--{what} {path}: no such file")
         if not 1 <= self.cpus.boot_vcpus <= 254:

@@ -166,8 +166,18 @@ def parse_net(value: str) -> NetConfig:
     d = split_options(
         "net",
         value,
-        ("tap", "mac", "host_mac", "ip", "mask", "mtu", "num_queues", "queue_size", "id",
-         *_RATE_KEYS),
+        (
+            "tap",
+            "mac",
+            "host_mac",
+            "ip",
+            "mask",
+            "mtu",
+            "num_queues",
+            "queue_size",
+            "id",
+            *_RATE_KEYS,
+        ),
     )
     for key in ("mac", "host_mac"):
         if key in d and not _MAC.match(d[key]):

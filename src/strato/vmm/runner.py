@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 import threading
+import time
 from collections.abc import Callable
 
 from strato.devices.legacy.serial_output import OutputLike
@@ -26,6 +28,7 @@ def run(
     serial_out: OutputLike | None = None,
     on_started: Callable[[Vm], None] | None = None,
     timeout: float | None = None,
+    handle_signals: bool = False,
 ) -> Stop:
     """Boot `config` and wait for the guest to stop. A guest reset boots it again unless
     `config.no_reboot`. Returns the final Stop (its `exit_status` is the command's)."""
@@ -43,7 +46,9 @@ def run(
             if config.serial.mode is ConsoleMode.TTY and "serial" in vm.devices:
                 stdin_pump = TerminalInput(vm.devices["serial"].enqueue_input)
                 stdin_pump.start()
-            stop = vm.wait(timeout)
+            if handle_signals:
+                _stop_on_signals(vm)
+            stop = _wait(vm, timeout)
             if stop is None:
                 stop = Stop(StopReason.REQUESTED, f"timed out after {timeout} s")
         finally:
@@ -58,6 +63,29 @@ def run(
             continue
         return stop
     return Stop(StopReason.VMM_ERROR, f"the guest reset {MAX_REBOOTS} times; giving up")
+
+
+def _stop_on_signals(vm: Vm) -> None:
+    """SIGTERM and SIGINT stop the VM cleanly (only possible on the main thread)."""
+
+    def handler(signum: int, frame: object) -> None:
+        name = signal.Signals(signum).name
+        vm.request_stop(Stop(StopReason.REQUESTED, f"stopped by {name}"))
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, handler)
+
+
+def _wait(vm: Vm, timeout: float | None) -> Stop | None:
+    # Wait in slices so that signal handlers run promptly on the main thread.
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        step = 0.5 if deadline is None else min(0.5, deadline - time.monotonic())
+        if step <= 0:
+            return None
+        stop = vm.wait(step)
+        if stop is not None:
+            return stop
 
 
 class TerminalInput:
