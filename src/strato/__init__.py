@@ -48,7 +48,25 @@ _LAZY = {
     },
 }
 
-__all__ = [*sorted(_LAZY), "__version__"]
+__all__ = [
+    "ConfigError",
+    "ConsoleConfig",
+    "ConsoleMode",
+    "CpusConfig",
+    "DiskConfig",
+    "MemoryConfig",
+    "NetConfig",
+    "PayloadConfig",
+    "RngConfig",
+    "Stop",
+    "StopReason",
+    "Vm",
+    "VmConfig",
+    "VmState",
+    "__version__",
+    "build_vm",
+    "run",
+]
 
 
 def __getattr__(name: str) -> Any:

@@ -20,8 +20,17 @@ def build_flat(name: str, out_dir: Path, base: int) -> bytes:
     out = out_dir / f"{name}.bin"
     subprocess.run(["as", "--64", "-o", str(obj), str(src)], check=True)
     subprocess.run(
-        ["ld", "-m", "elf_x86_64", f"-Ttext={base:#x}", "--oformat", "binary", "-o", str(out),
-         str(obj)],
+        [
+            "ld",
+            "-m",
+            "elf_x86_64",
+            f"-Ttext={base:#x}",
+            "--oformat",
+            "binary",
+            "-o",
+            str(out),
+            str(obj),
+        ],
         check=True,
     )
     return out.read_bytes()
@@ -36,8 +45,17 @@ def build_elf(name: str, out_dir: Path, extra: list[str] | None = None) -> Path:
     out = out_dir / f"{name}.elf"
     subprocess.run(["as", "--64", "-o", str(obj), str(src)], check=True)
     subprocess.run(
-        ["ld", "-m", "elf_x86_64", "-T", str(HERE / "pvh.ld"), "-o", str(out), str(obj),
-         *(extra or [])],
+        [
+            "ld",
+            "-m",
+            "elf_x86_64",
+            "-T",
+            str(HERE / "pvh.ld"),
+            "-o",
+            str(out),
+            str(obj),
+            *(extra or []),
+        ],
         check=True,
     )
     return out

@@ -56,12 +56,44 @@ OFFSETS = [
     ("kvm_run", "mmio", b.KVM_RUN_EXIT_UNION),
 ]
 
-IOCTLS = [name for name in dir(k) if name.startswith("KVM_") and not name.startswith(
-    ("KVM_CAP_", "KVM_EXIT_", "KVM_SYSTEM_EVENT_", "KVM_INTERNAL_", "KVM_MP_STATE_",
-     "KVM_IOEVENTFD_", "KVM_IRQFD_", "KVM_IRQ_ROUTING_", "KVM_IRQCHIP_", "KVM_PIT_", "KVM_MEM_"))]
-CONSTANTS = [name for name in dir(k) if name.startswith(
-    ("KVM_CAP_", "KVM_EXIT_", "KVM_SYSTEM_EVENT_", "KVM_INTERNAL_ERROR_", "KVM_MP_STATE_",
-     "KVM_IOEVENTFD_FLAG_", "KVM_IRQ_ROUTING_", "KVM_IRQCHIP_", "KVM_PIT_SPEAKER", "KVM_MEM_"))]
+IOCTLS = [
+    name
+    for name in dir(k)
+    if name.startswith("KVM_")
+    and not name.startswith(
+        (
+            "KVM_CAP_",
+            "KVM_EXIT_",
+            "KVM_SYSTEM_EVENT_",
+            "KVM_INTERNAL_",
+            "KVM_MP_STATE_",
+            "KVM_IOEVENTFD_",
+            "KVM_IRQFD_",
+            "KVM_IRQ_ROUTING_",
+            "KVM_IRQCHIP_",
+            "KVM_PIT_",
+            "KVM_MEM_",
+        )
+    )
+]
+CONSTANTS = [
+    name
+    for name in dir(k)
+    if name.startswith(
+        (
+            "KVM_CAP_",
+            "KVM_EXIT_",
+            "KVM_SYSTEM_EVENT_",
+            "KVM_INTERNAL_ERROR_",
+            "KVM_MP_STATE_",
+            "KVM_IOEVENTFD_FLAG_",
+            "KVM_IRQ_ROUTING_",
+            "KVM_IRQCHIP_",
+            "KVM_PIT_SPEAKER",
+            "KVM_MEM_",
+        )
+    )
+]
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +101,12 @@ def header_values(tmp_path_factory: pytest.TempPathFactory) -> dict[str, int]:
     if shutil.which("gcc") is None or not Path("/usr/include/linux/kvm.h").exists():
         pytest.skip("gcc or linux/kvm.h (Debian linux-libc-dev) is not installed")
     d = tmp_path_factory.mktemp("kvmh")
-    lines = ["#include <stdio.h>", "#include <stddef.h>", "#include <linux/kvm.h>", "int main(void){"]
+    lines = [
+        "#include <stdio.h>",
+        "#include <stddef.h>",
+        "#include <linux/kvm.h>",
+        "int main(void){",
+    ]
     for name in STRUCTS:
         lines.append(f'printf("sizeof_{name} %zu\\n", sizeof(struct {name}));')
     for s, f, _ in OFFSETS:
