@@ -44,8 +44,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_VMM_ERROR
     except KeyboardInterrupt:
         return 130
-    if stop.is_crash:
-        print(f"strato: the guest stopped: {stop.message}", file=sys.stderr)
+    # A crash was already reported on stderr, once, by the VM's stop log line.
     return stop.exit_status
 
 

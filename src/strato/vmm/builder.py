@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from strato.boot import BootError, load_kernel, setup_boot_cpu, write_mptable
+from strato.boot.acpi import build_acpi_tables
 from strato.devices.legacy.debug_port import DebugPort
 from strato.devices.legacy.i8042 import I8042, I8042_PORT, I8042_PORT_LEN
 from strato.devices.legacy.rtc import RTC_PORT, RTC_PORT_LEN, CmosRtc
@@ -26,6 +27,7 @@ from strato.devices.legacy.serial_output import (
 from strato.memory.layout import LAYOUT
 from strato.vmm import cpu_setup
 from strato.vmm.config import ConfigError, ConsoleMode, VmConfig
+from strato.vmm.device_manager import DeviceManager
 from strato.vmm.machine import Machine
 from strato.vmm.stop import Stop, StopReason
 from strato.vmm.vm import Vm
@@ -87,9 +89,8 @@ def build_vm(
     # 1. The machine: KVM VM, guest memory, in-kernel irqchip and PIT, vCPU fds.
     machine = Machine.create(config.memory.size, nr_vcpus, config.memory.shared)
     times.mark("vm")
+    vm = Vm(machine)
     try:
-        vm = Vm(machine)
-
         # 2. Legacy devices on the PIO bus.
         def reset() -> None:
             vm.request_stop(Stop(StopReason.RESET, "the guest reset the machine (i8042)"))
@@ -106,17 +107,42 @@ def build_vm(
         debug = DebugPort(times.start)
         machine.pio.insert(debug, DEBUG_PORT, 1)
         vm.devices["debug_port"] = debug
+
+        # 3. ACPI platform devices, the PCI root and the virtio devices.
+        dm = DeviceManager.create(machine)
+        vm.device_manager = dm
+        vm.on_close.append(dm.close)
+
+        def poweroff() -> None:
+            vm.request_stop(Stop(StopReason.POWEROFF, "the guest powered off (ACPI S5)"))
+
+        def acpi_reset() -> None:
+            vm.request_stop(Stop(StopReason.RESET, "the guest reset the machine (ACPI)"))
+
+        if config.acpi:
+            dm.add_acpi_devices(poweroff, acpi_reset)
+        dm.add_config_devices(config)
         times.mark("devices")
 
-        # 3. Platform tables, then the payload.
+        # 4. Platform tables (MP table for kernels without ACPI, ACPI tables), then the payload.
         write_mptable(machine.memory, nr_vcpus)
+        rsdp = 0
+        if config.acpi:
+            rsdp = build_acpi_tables(machine.memory, LAYOUT, nr_vcpus, pci_slot_gsis=dm.slot_gsis())
         payload = config.payload
         assert payload.kernel is not None
         cmdline = payload.cmdline if payload.cmdline is not None else DEFAULT_CMDLINE
-        kernel = load_kernel(machine.memory, Path(payload.kernel), cmdline, payload.initramfs)
+        kernel = load_kernel(
+            machine.memory,
+            Path(payload.kernel),
+            cmdline,
+            payload.initramfs,
+            rsdp_addr=rsdp,
+            reserved=[(LAYOUT.pci_ecam, LAYOUT.pci_ecam_size)],
+        )
         times.mark("load")
 
-        # 4. vCPUs: CPUID and MSRs for all, LINT0/1 for all, boot state for the BSP.
+        # 5. vCPUs: CPUID and MSRs for all, LINT0/1 for all, boot state for the BSP.
         base_cpuid = cpu_setup.host_cpuid(machine.kvm)
         state = setup_boot_cpu(machine.memory, kernel)
         for fd in machine.vcpus:
@@ -128,6 +154,8 @@ def build_vm(
         vm.boot_times = times
         return vm
     except BaseException:
+        for close in vm.on_close:
+            close()
         machine.close()
         raise
 

@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable
 
 from strato.devices.legacy.serial_output import OutputLike
-from strato.vmm.builder import BootTimes, build_vm
+from strato.vmm.builder import BootTimes, build_vm, serial_output
 from strato.vmm.config import ConsoleMode, VmConfig
 from strato.vmm.platform import warn_if_emulated
 from strato.vmm.stop import Stop, StopReason
@@ -33,6 +33,22 @@ def run(
     """Boot `config` and wait for the guest to stop. A guest reset boots it again unless
     `config.no_reboot`. Returns the final Stop (its `exit_status` is the command's)."""
     warn_if_emulated()
+    # One output sink for every boot: a reboot must not truncate or reopen the serial file.
+    owned_out = serial_output(config) if serial_out is None else None
+    try:
+        return _run(config, serial_out or owned_out, on_started, timeout, handle_signals)
+    finally:
+        if owned_out is not None:
+            owned_out.close()
+
+
+def _run(
+    config: VmConfig,
+    serial_out: OutputLike | None,
+    on_started: Callable[[Vm], None] | None,
+    timeout: float | None,
+    handle_signals: bool,
+) -> Stop:
     for _ in range(MAX_REBOOTS):
         times = BootTimes()
         vm = build_vm(config, serial_out=serial_out, times=times)
@@ -54,10 +70,7 @@ def run(
         finally:
             if stdin_pump is not None:
                 stdin_pump.stop()
-            serial = vm.devices.get("serial")
             vm.shutdown()
-            if serial is not None:
-                serial.close()
         if stop.reason is StopReason.RESET and not config.no_reboot:
             log.info("rebooting")
             continue

@@ -50,6 +50,8 @@ class Vm:
     stop_result: Stop | None = None
     vcpus: list[Vcpu] = field(default_factory=list)
     devices: dict[str, Any] = field(default_factory=dict)
+    device_manager: Any = None  # strato.vmm.device_manager.DeviceManager (set by the builder)
+    on_close: list[Callable[[], None]] = field(default_factory=list)
     boot_times: Any = None
     _stopped: threading.Event = field(default_factory=threading.Event)
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -120,4 +122,21 @@ class Vm:
             v.join(timeout=5)
         with self._lock:
             self.state = VmState.SHUTDOWN
+        self.machine.loop.stop()
+        for close in self.on_close:
+            try:
+                close()
+            except Exception:
+                log.exception("closing a device failed")
         self.machine.close()
+
+    def power_button(self) -> None:
+        """Press the ACPI power button (the guest decides to shut down)."""
+        dm = self.device_manager
+        if dm is None or dm.ged is None:
+            raise RuntimeError("the guest has no ACPI power button (ACPI is off)")
+        dm.ged.power_button()
+
+    def counters(self) -> dict[str, dict[str, int]]:
+        dm = self.device_manager
+        return dm.counters() if dm is not None else {}
