@@ -1,0 +1,170 @@
+/*
+ * Application processors: INIT-SIPI-SIPI through the local APIC (from CPL 3),
+ * a real-mode trampoline at AP_TRAMPOLINE, then the same long-mode path as the
+ * BSP (start.S) and ap_main() at CPL 3, which reports the APIC ID and parks.
+ */
+#include "guest.h"
+
+#define LAPIC_ICR_LO 0x300
+#define LAPIC_ICR_HI 0x310
+
+static volatile u32 ap_apic_id[MAX_CPUS];
+static volatile u64 ap_result[MAX_CPUS];
+static volatile u32 ap_started;
+
+__attribute__((noreturn)) void ap_main(u64 index)
+{
+	/* Some native CPL 3 work, checked by the BSP: sum of 0..99999. */
+	u64 sum = 0;
+	for (volatile u64 i = 0; i < 100000; i++)
+		sum += i;
+	if (index < MAX_CPUS) {
+		ap_apic_id[index] = lapic_id();
+		ap_result[index] = sum;
+	}
+	__atomic_add_fetch(&ap_started, 1, __ATOMIC_SEQ_CST);
+	sys_park();
+}
+
+struct acpi_header {
+	char sig[4];
+	u32 length;
+	u8 revision, checksum;
+	char oem[6], oem_table[8];
+	u32 oem_rev, creator, creator_rev;
+} __attribute__((packed));
+
+static bool checksum_ok(const void *p, u32 len)
+{
+	u8 sum = 0;
+	for (u32 i = 0; i < len; i++)
+		sum += ((const u8 *)p)[i];
+	return sum == 0;
+}
+
+static const u8 *find_rsdp(void)
+{
+	if (boot_rsdp && boot_rsdp < 4 * GiB && !memcmp((void *)boot_rsdp, "RSD PTR ", 8))
+		return (const u8 *)boot_rsdp;
+	for (u64 a = 0xe0000; a < 0x100000; a += 16)
+		if (!memcmp((void *)a, "RSD PTR ", 8) && checksum_ok((void *)a, 20))
+			return (const u8 *)a;
+	return NULL;
+}
+
+/* APIC IDs of the enabled processors in the ACPI MADT, BSP excluded. */
+static int madt_apic_ids(u32 *ids, int max)
+{
+	const u8 *rsdp = find_rsdp();
+	if (!rsdp)
+		return -1;
+	u64 root;
+	int entry_size;
+	if (rsdp[15] >= 2 && *(const u64 *)(rsdp + 24)) {
+		root = *(const u64 *)(rsdp + 24); /* XSDT */
+		entry_size = 8;
+	} else {
+		root = *(const u32 *)(rsdp + 16); /* RSDT */
+		entry_size = 4;
+	}
+	if (!root || root >= 4 * GiB)
+		return -1;
+	const struct acpi_header *rh = (const void *)root;
+	if (rh->length < sizeof(*rh) || rh->length > 64 * KiB)
+		return -1;
+	u32 n = (rh->length - (u32)sizeof(*rh)) / (u32)entry_size;
+	for (u32 i = 0; i < n; i++) {
+		const u8 *e = (const u8 *)rh + sizeof(*rh) + i * (u32)entry_size;
+		u64 addr = entry_size == 8 ? *(const u64 *)e : *(const u32 *)e;
+		if (!addr || addr >= 4 * GiB)
+			continue;
+		const struct acpi_header *t = (const void *)addr;
+		if (memcmp(t->sig, "APIC", 4) || t->length > 64 * KiB)
+			continue;
+		int count = 0;
+		const u8 *p = (const u8 *)t + 44, *end = (const u8 *)t + t->length;
+		while (p + 2 <= end && p[1] >= 2 && p + p[1] <= end) {
+			u32 id = 0xffffffff, flags = 0;
+			if (p[0] == 0 && p[1] >= 8) { /* processor local APIC */
+				id = p[3];
+				flags = *(const u32 *)(p + 4);
+			} else if (p[0] == 9 && p[1] >= 16) { /* processor local x2APIC */
+				id = *(const u32 *)(p + 4);
+				flags = *(const u32 *)(p + 8);
+			}
+			if (id != 0xffffffff && (flags & 1) && id != bsp_apic_id && count < max)
+				ids[count++] = id;
+			p += p[1];
+		}
+		return count;
+	}
+	return -1;
+}
+
+static bool icr_idle(void)
+{
+	u64 end = deadline_ms(100);
+	while (mmio_read32(LAPIC_BASE + LAPIC_ICR_LO) & (1 << 12)) /* delivery pending */
+		if (expired(end))
+			return false;
+	return true;
+}
+
+static void send_ipi(u32 apic_id, u32 low)
+{
+	mmio_write32(LAPIC_BASE + LAPIC_ICR_HI, apic_id << 24);
+	mmio_write32(LAPIC_BASE + LAPIC_ICR_LO, low);
+	icr_idle();
+}
+
+void smp_tests(void)
+{
+	if (!test_selected("smp"))
+		return;
+	u32 ids[MAX_CPUS];
+	int n;
+	const char *source;
+	if (cfg.cpus) {
+		n = 0;
+		for (u32 id = 0; id < cfg.cpus + 1 && n < (int)cfg.cpus - 1 && n < MAX_CPUS - 1; id++)
+			if (id != bsp_apic_id)
+				ids[n++] = id;
+		source = "cmdline";
+	} else {
+		n = madt_apic_ids(ids, MAX_CPUS - 1);
+		source = "madt";
+	}
+	if (n <= 0) {
+		if (test_explicit("smp"))
+			test_result("smp", false, "only the BSP found (source=%s)", source);
+		return;
+	}
+	/* The trampoline must sit below 1 MiB at a page boundary (SIPI vector = page). */
+	memcpy((void *)AP_TRAMPOLINE, ap_trampoline_start,
+	       (usize)(ap_trampoline_end - ap_trampoline_start));
+	mb();
+	for (int i = 0; i < n; i++) {
+		send_ipi(ids[i], 0x4500); /* INIT, level assert */
+	}
+	delay_us(10000);
+	for (int round = 0; round < 2; round++) {
+		for (int i = 0; i < n; i++)
+			send_ipi(ids[i], 0x4600 | (AP_TRAMPOLINE >> 12)); /* STARTUP */
+		delay_us(200);
+	}
+	u64 end = deadline_ms(cfg.timeout_ms);
+	while (ap_started < (u32)n && !expired(end))
+		cpu_relax();
+	u32 started = ap_started;
+	char list[128];
+	int len = snprintf(list, sizeof(list), "%u", bsp_apic_id);
+	bool ok = started == (u32)n;
+	for (u32 i = 1; i <= started && i < MAX_CPUS; i++) {
+		len += snprintf(list + len, sizeof(list) - (usize)MIN(len, (int)sizeof(list)), ",%u",
+				ap_apic_id[i]);
+		if (ap_result[i] != 4999950000UL)
+			ok = false;
+	}
+	test_result("smp", ok, "cpus=%u apic_ids=%s expected=%d source=%s", started + 1, list, n + 1,
+		    source);
+}
