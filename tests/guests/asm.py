@@ -1,4 +1,7 @@
-"""Build the small test guests in this folder with GNU as/ld at test time."""
+"""Build the small test guests in this folder with GNU as/ld at test time.
+
+This folder is on the assembler's include path, so a guest can `.include "pvh_common.S"`.
+"""
 
 from __future__ import annotations
 
@@ -18,7 +21,7 @@ def build_flat(name: str, out_dir: Path, base: int) -> bytes:
     src = HERE / f"{name}.S"
     obj = out_dir / f"{name}.o"
     out = out_dir / f"{name}.bin"
-    subprocess.run(["as", "--64", "-o", str(obj), str(src)], check=True)
+    subprocess.run(["as", "--64", "-I", str(HERE), "-o", str(obj), str(src)], check=True)
     subprocess.run(
         [
             "ld",
@@ -43,7 +46,7 @@ def build_elf(name: str, out_dir: Path, extra: list[str] | None = None) -> Path:
     src = HERE / f"{name}.S"
     obj = out_dir / f"{name}.o"
     out = out_dir / f"{name}.elf"
-    subprocess.run(["as", "--64", "-o", str(obj), str(src)], check=True)
+    subprocess.run(["as", "--64", "-I", str(HERE), "-o", str(obj), str(src)], check=True)
     subprocess.run(
         [
             "ld",
