@@ -59,9 +59,7 @@ def _run(
             log.info("boot steps: %s", times.report())
             if on_started is not None:
                 on_started(vm)
-            if config.serial.mode is ConsoleMode.TTY and "serial" in vm.devices:
-                stdin_pump = TerminalInput(vm.devices["serial"].enqueue_input)
-                stdin_pump.start()
+            stdin_pump = _terminal_input(config, vm)
             if handle_signals:
                 _stop_on_signals(vm)
             stop = _wait(vm, timeout)
@@ -76,6 +74,22 @@ def _run(
             continue
         return stop
     return Stop(StopReason.VMM_ERROR, f"the guest reset {MAX_REBOOTS} times; giving up")
+
+
+def _terminal_input(config: VmConfig, vm: Vm) -> TerminalInput | None:
+    """Standard input goes to whichever console is `tty` (a terminal, or a pipe)."""
+    sink: Callable[[bytes], int] | None = None
+    if config.serial.mode is ConsoleMode.TTY and "serial" in vm.devices:
+        sink = vm.devices["serial"].enqueue_input
+    elif config.console.mode is ConsoleMode.TTY and vm.device_manager is not None:
+        console = vm.device_manager.console
+        if console is not None:
+            sink = console.enqueue_input
+    if sink is None:
+        return None
+    pump = TerminalInput(sink)
+    pump.start()
+    return pump
 
 
 def _stop_on_signals(vm: Vm) -> None:
@@ -112,13 +126,16 @@ class TerminalInput:
         self._thread = threading.Thread(target=self._run, name="stdin", daemon=True)
 
     def start(self) -> None:
-        if not os.isatty(self._fd):
-            return
-        import termios
-        import tty
+        try:
+            os.fstat(self._fd)
+        except OSError:
+            return  # no standard input at all
+        if os.isatty(self._fd):
+            import termios
+            import tty
 
-        self._saved = termios.tcgetattr(self._fd)
-        tty.setraw(self._fd)
+            self._saved = termios.tcgetattr(self._fd)
+            tty.setraw(self._fd)
         self._thread.start()
 
     def _run(self) -> None:
@@ -134,8 +151,9 @@ class TerminalInput:
             while data:
                 n = self._sink(data)
                 data = data[n:]
-                if data:
-                    select.select([self._stop_r], [], [], 0.01)
+                # The guest's input buffer is full: wait a little, unless we are stopping.
+                if data and select.select([self._stop_r], [], [], 0.01)[0]:
+                    return
 
     def stop(self) -> None:
         os.write(self._stop_w, b"x")
