@@ -77,6 +77,11 @@ def build_parser() -> ArgumentParser:
         help="seccomp filtering (true)",
     )
     p.add_argument(
+        "--no-shutdown",
+        action="store_true",
+        help="with --api-socket: keep the VMM running after the guest stops",
+    )
+    p.add_argument(
         "--no-reboot", action="store_true", help="exit instead of rebooting when the guest resets"
     )
     p.add_argument("--log-file", metavar="PATH", help="write the log here instead of stderr")

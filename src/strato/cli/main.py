@@ -31,7 +31,9 @@ def main(argv: list[str] | None = None) -> int:
         if config.payload.kernel is None and ns.api_socket is None:
             raise ConfigError("--kernel is required (or --api-socket to wait for vm.create)")
         if ns.api_socket is not None:
-            raise ConfigError("--api-socket: the REST API is not available in this build yet")
+            from strato.cli.api_mode import run_api_mode
+
+            return run_api_mode(ns, config if config.payload.kernel is not None else None)
         config.validate()
         from strato.vmm.runner import run
 

@@ -29,7 +29,7 @@ from typing import Any, Protocol
 
 from strato import __version__
 from strato._sys.eventfd import EventFd
-from strato.vmm.config import ConfigError, VmConfig
+from strato.vmm.config import ConfigError, ConsoleMode, VmConfig
 from strato.vmm.config_json import vm_config_to_json
 from strato.vmm.events import EventSink, NullEventMonitor
 from strato.vmm.stop import EXIT_OK, Stop, StopReason
@@ -98,10 +98,27 @@ VmFactory = Callable[[VmConfig], ManagedVm]
 Done = Callable[[object, "VmmError | None"], None]
 
 
-def default_vm_factory(config: VmConfig) -> ManagedVm:
-    from strato.vmm.builder import build_vm
+class BuilderFactory:
+    """The default VM factory: strato.vmm.builder.build_vm, with one serial output per VM
+    config, shared by its reboots (a reboot must not truncate the serial file)."""
 
-    return build_vm(config)
+    def __init__(self) -> None:
+        self._config: VmConfig | None = None
+        self._out: Any = None
+
+    def __call__(self, config: VmConfig) -> ManagedVm:
+        from strato.vmm.builder import build_vm, serial_output
+
+        if config is not self._config:
+            self.close()
+            self._out = serial_output(config)
+            self._config = config
+        return build_vm(config, serial_out=self._out)
+
+    def close(self) -> None:
+        out, self._out, self._config = self._out, None, None
+        if out is not None:
+            out.close()
 
 
 class _LoopPark:
@@ -138,6 +155,10 @@ class VmmController:
     VmmError) and can be queued with `submit()` (the HTTP server does that). `wait()` returns
     when the VMM should exit: after `vmm.shutdown`, or when the guest stopped and
     `no_shutdown` is false (Cloud Hypervisor's default).
+
+    `on_vm_start(vm)` runs on the VMM thread after each boot (reboots included), for what
+    goes with a running VM (the terminal input pump); the function it returns, if any, runs
+    before that VM is shut down. `events` (closed by close()) receives the event stream.
     """
 
     def __init__(
@@ -146,9 +167,12 @@ class VmmController:
         *,
         events: EventSink | None = None,
         no_shutdown: bool = False,
+        on_vm_start: Callable[[ManagedVm], Callable[[], None] | None] | None = None,
         version: str = __version__,
     ) -> None:
-        self._factory = vm_factory or default_vm_factory
+        self._factory: VmFactory = vm_factory or BuilderFactory()
+        self._on_vm_start = on_vm_start
+        self._vm_cleanup: Callable[[], None] | None = None
         self.events: EventSink = events or NullEventMonitor()
         self.no_shutdown = no_shutdown
         self.version = version
@@ -186,6 +210,11 @@ class VmmController:
         return self.exit_stop.exit_status if self.exit_stop is not None else EXIT_OK
 
     @property
+    def config(self) -> VmConfig | None:
+        """The VM's configuration (from `vm.create` or the command line)."""
+        return self._config
+
+    @property
     def state(self) -> VmState | None:
         """The VM's state as `vm.info` reports it; None when no VM is created."""
         return self._state
@@ -203,6 +232,9 @@ class VmmController:
         self._queue.put(None)
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout)
+        close_factory = getattr(self._factory, "close", None)
+        if callable(close_factory):
+            close_factory()
         self.events.close()
 
     # -- queuing actions (any thread) ----------------------------------------------------------
@@ -411,20 +443,30 @@ class VmmController:
                 "Error triggering power button",
                 "the guest has no ACPI power button (this VM has no ACPI GED device)",
             )
-        press()
+        try:
+            press()
+        except Exception as e:
+            raise VmmError(INTERNAL_ERROR, "Error triggering power button", str(e)) from None
 
     def _counters(self) -> dict[str, dict[str, int]]:
-        vm = self._require_vm("The VM info is not available")
+        what = "The VM info is not available"
+        vm = self._require_vm(what)
         read = getattr(vm, "counters", None)
         raw: dict[str, Any] = {}
-        if callable(read):
-            raw = read()
-        else:
-            for name, dev in getattr(vm, "devices", {}).items():
-                dev_counters = getattr(dev, "counters", None)
-                if callable(dev_counters):
-                    raw[name] = dev_counters()
-        return {str(dev): {str(k): int(v) for k, v in c.items()} for dev, c in raw.items()}
+        try:
+            if callable(read):
+                raw = read()
+            else:
+                for name, dev in getattr(vm, "devices", {}).items():
+                    dev_counters = getattr(dev, "counters", None)
+                    if callable(dev_counters):
+                        raw[name] = dev_counters()
+            return {str(dev): {str(k): int(v) for k, v in c.items()} for dev, c in raw.items()}
+        except Exception as e:
+            log.exception("reading the VM's counters failed")
+            raise VmmError(
+                INTERNAL_ERROR, what, "Error getting counters", f"{type(e).__name__}: {e}"
+            ) from None
 
     def _info(self) -> dict[str, Any]:
         if self._config is None or self._state is None:
@@ -446,6 +488,9 @@ class VmmController:
             self.events.emit("vm", "shutdown")
         self._config = None
         self._state = None
+        close_factory = getattr(self._factory, "close", None)
+        if callable(close_factory):
+            close_factory()  # the deleted config's serial output
         self.events.emit("vm", "deleted")
 
     def _shutdown_vmm(self) -> None:
@@ -501,11 +546,22 @@ class VmmController:
             raise VmmError(INTERNAL_ERROR, what, f"{type(e).__name__}: {e}") from None
         self._vm = vm
         self._state = VmState.RUNNING
+        if self._on_vm_start is not None:
+            try:
+                self._vm_cleanup = self._on_vm_start(vm)
+            except Exception:
+                log.exception("the on_vm_start hook failed")
 
     def _stop_vm(self) -> None:
         vm, self._vm = self._vm, None
         self._unpark_devices()
         self._clock = None
+        cleanup, self._vm_cleanup = self._vm_cleanup, None
+        if cleanup is not None:
+            try:
+                cleanup()
+            except Exception:
+                log.exception("the on_vm_start cleanup failed")
         if vm is None:
             return
         try:
@@ -568,17 +624,28 @@ class VmmController:
 
     @staticmethod
     def _device_tree(vm: ManagedVm, config: VmConfig) -> dict[str, Any]:
-        """Cloud Hypervisor's device tree: the VM's own when it has one, else the configured
-        devices under Cloud Hypervisor's names (__serial, __console, _disk0, _net1, __rng)."""
+        """Cloud Hypervisor's device tree: the VM's own when it has one; else its virtio
+        devices (from its device manager, with their PCI address) or, failing that, the
+        configured ones under Cloud Hypervisor's names; and the serial port."""
         tree = getattr(vm, "device_tree", None)
         if callable(tree):
             result = tree()
             assert isinstance(result, dict)
             return result
+
+        def node(dev_id: str, **extra: Any) -> dict[str, Any]:
+            return {"id": dev_id, "resources": [], "children": [], **extra}
+
+        out: dict[str, Any] = {}
+        if config.serial.mode is not ConsoleMode.OFF:
+            out["__serial"] = node("__serial")
+        entries = getattr(getattr(vm, "device_manager", None), "virtio", None)
+        if entries is not None:
+            for e in entries:
+                out[e.id] = node(e.id, pci_bdf=f"0000:00:{e.slot:02x}.0")
+            return out
         ids: list[str] = []
-        if config.serial.mode.value != "Off":
-            ids.append("__serial")
-        if config.console.mode.value != "Off":
+        if config.console.mode is not ConsoleMode.OFF:
             ids.append("__console")
         n = 0
         for d in config.disks:
@@ -589,4 +656,5 @@ class VmmController:
             n += 1
         if config.rng is not None:
             ids.append("__rng")
-        return {i: {"id": i, "resources": [], "children": []} for i in ids}
+        out.update((i, node(i)) for i in ids)
+        return out

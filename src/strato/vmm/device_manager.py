@@ -13,6 +13,7 @@ from strato.devices.backends.raw import DiskError, RawFile
 from strato.devices.backends.tap import Tap, TapError
 from strato.devices.legacy.ged import AcpiGed
 from strato.devices.legacy.power import AcpiPmTimer, AcpiShutdown
+from strato.devices.rate_limiter import rate_limiter_from
 from strato.devices.virtio.block import Block
 from strato.devices.virtio.console import Console
 from strato.devices.virtio.net import Net
@@ -96,7 +97,14 @@ class DeviceManager:
             except (DiskError, OSError) as e:
                 raise ConfigError(f"--disk path={d.path}: {e}") from None
             self._closers.append(disk)
-            dev = Block(disk, serial=d.serial, num_queues=d.num_queues, queue_size=d.queue_size)
+            dev = Block(
+                disk,
+                serial=d.serial,
+                num_queues=d.num_queues,
+                queue_size=d.queue_size,
+                rate_limiter=rate_limiter_from(d.rate_limiter),
+            )
+            self._closers.append(dev)  # its rate limiter's timer
             self.add_virtio("disk", dev, d.id or f"_disk{i}")
         for i, n in enumerate(config.net):
             if n.tap is None:
@@ -106,14 +114,22 @@ class DeviceManager:
             except TapError as e:
                 raise ConfigError(f"--net tap={n.tap}: {e}") from None
             self._closers.append(tap)
-            self.add_virtio("net", Net(tap, mac=n.mac, queue_size=n.queue_size), n.id or f"_net{i}")
+            net = Net(
+                tap,
+                mac=n.mac,
+                queue_size=n.queue_size,
+                rx_rate_limiter=rate_limiter_from(n.rate_limiter),
+                tx_rate_limiter=rate_limiter_from(n.rate_limiter),
+            )
+            self._closers.append(net)  # its rate limiters' timers
+            self.add_virtio("net", net, n.id or f"_net{i}")
         if config.rng is not None:
             try:
                 rng = Rng(str(config.rng.src))
             except OSError as e:
                 raise ConfigError(f"--rng src={config.rng.src}: {e.strerror}") from None
             self._closers.append(rng)
-            self.add_virtio("rng", rng, "_rng")
+            self.add_virtio("rng", rng, "__rng")
         c = config.console
         if c.mode in (ConsoleMode.TTY, ConsoleMode.FILE, ConsoleMode.NULL):
             output: int | str | None
@@ -128,7 +144,7 @@ class DeviceManager:
             except OSError as e:
                 raise ConfigError(f"--console file={c.file}: {e.strerror}") from None
             self._closers.append(self.console)
-            self.add_virtio("console", self.console, "_console")
+            self.add_virtio("console", self.console, "__console")
         elif c.mode is ConsoleMode.PTY:
             raise ConfigError("--console pty: not supported yet; use tty, file=PATH, null or off")
 

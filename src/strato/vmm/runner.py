@@ -9,6 +9,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
 from strato.devices.legacy.serial_output import OutputLike
 from strato.vmm.builder import BootTimes, build_vm, serial_output
@@ -59,7 +60,7 @@ def _run(
             log.info("boot steps: %s", times.report())
             if on_started is not None:
                 on_started(vm)
-            stdin_pump = _terminal_input(config, vm)
+            stdin_pump = terminal_input(config, vm)
             if handle_signals:
                 _stop_on_signals(vm)
             stop = _wait(vm, timeout)
@@ -76,7 +77,7 @@ def _run(
     return Stop(StopReason.VMM_ERROR, f"the guest reset {MAX_REBOOTS} times; giving up")
 
 
-def _terminal_input(config: VmConfig, vm: Vm) -> TerminalInput | None:
+def terminal_input(config: VmConfig, vm: Any) -> TerminalInput | None:
     """Standard input goes to whichever console is `tty` (a terminal, or a pipe)."""
     sink: Callable[[bytes], int] | None = None
     if config.serial.mode is ConsoleMode.TTY and "serial" in vm.devices:
