@@ -23,3 +23,4 @@ PYTHON="${PYTHON:-python3}"
 
 # The default guests: the Debian kernel + busybox initramfs, and the built-in test guest.
 "$PYTHON" -m strato.images
+"$PYTHON" -c "from strato.images.builtin import ensure_builtin_guest; print('built-in guest:', ensure_builtin_guest())"
