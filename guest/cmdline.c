@@ -4,7 +4,7 @@
  *   bench=NAME[,key=value...]                       (repeatable)
  *   irq=msix|poll  cpus=N  timeout=MS  host-timeout=MS  net-rx=N  bar64=ADDR  verbose=1
  *   fault=pf|ud                                     (raise an exception on purpose)
- *   qd= bs= seconds= ops= size= indirect= region=   (defaults for every bench)
+ *   qd= bs= seconds= ops= size= indirect= region= port= addr=  (defaults for every bench)
  */
 #include "guest.h"
 
@@ -33,6 +33,10 @@ static bool bench_param(struct bench_cfg *b, const char *key, const char *val)
 		b->indirect = v;
 	else if (!strcmp(key, "region"))
 		b->region = v;
+	else if (!strcmp(key, "port"))
+		b->port = v;
+	else if (!strcmp(key, "addr"))
+		b->addr = v;
 	else
 		return false;
 	return true;

@@ -163,6 +163,7 @@ void delay_us(u64 us);
 struct bench_cfg {
 	char name[32];
 	u64 qd, bs, seconds, ops, size, indirect, region;
+	u64 port, addr; /* pio-exits / mmio-exits targets (0: the default) */
 };
 struct config {
 	char cmdline[1024];
@@ -260,6 +261,8 @@ void smp_tests(void);
 void run_bench(struct bench_cfg *b);
 void blk_bench(struct bench_cfg *b);
 void net_bench(struct bench_cfg *b);
+bool exits_bench(struct bench_cfg *b); /* pio-exits, mmio-exits, idle; false: not one */
+bool faults_bench(struct bench_cfg *b); /* blk-flushstorm, serial-flood; false: not one */
 __attribute__((noreturn)) void ap_main(u64 index);
 
 #endif

@@ -97,6 +97,23 @@ def guest_views(mem: GuestMemory, addr: int, length: int) -> list[memoryview]:
     raise ChainError(f"buffer [{addr:#x}, {end:#x}) is not in guest memory")
 
 
+def _spans(mem: GuestMemory) -> tuple[tuple[int, int, memoryview], ...]:
+    """(start, end, view) of each region of `mem`: the chain parser's region lookup walks this.
+
+    Built once and kept on the GuestMemory (its regions are fixed for its life); rebuilt if
+    the region list is ever replaced.
+    """
+    regions = mem.regions
+    cached: tuple[Any, tuple[tuple[int, int, memoryview], ...]] | None = getattr(
+        mem, "_virtqueue_spans", None
+    )
+    if cached is not None and cached[0] is regions:
+        return cached[1]
+    spans = tuple((r.start, r.start + r.size, r.view) for r in regions)
+    mem._virtqueue_spans = (regions, spans)  # type: ignore[attr-defined]
+    return spans
+
+
 class _Cursor:
     """Consumes a list of buffers front to back (a chain's readable or writable part)."""
 
@@ -163,16 +180,25 @@ class DescriptorChain:
         "_parsed",
         "_readable",
         "_size",
+        "_spans",
         "_writable",
         "head_index",
         "mem",
     )
 
-    def __init__(self, mem: GuestMemory, desc_table: memoryview, size: int, head: int) -> None:
+    def __init__(
+        self,
+        mem: GuestMemory,
+        desc_table: memoryview,
+        size: int,
+        head: int,
+        spans: tuple[tuple[int, int, memoryview], ...] | None = None,
+    ) -> None:
         self.mem = mem
         self._desc = desc_table
         self._size = size
         self.head_index = head
+        self._spans = spans  # mem's regions as (start, end, view), when the caller has them
         self._parsed: list[Descriptor] | None = None
         self._readable: list[memoryview] | None = None
         self._writable: list[memoryview] | None = None
@@ -196,6 +222,10 @@ class DescriptorChain:
         total = 0
         out: list[Descriptor] = []
         unpack = _DESC.unpack_from
+        spans = self._spans or _spans(self.mem)
+        readable: list[memoryview] | None = []
+        writable: list[memoryview] | None = []
+        views: list[memoryview] | None
         while True:
             if ttl == 0:
                 raise ChainError("descriptor chain longer than its table (a loop?)")
@@ -223,10 +253,26 @@ class DescriptorChain:
                 raise ChainError("chain longer than 2^32 bytes")
             if flags & VIRTQ_DESC_F_WRITE:
                 seen_write = True
+                views = writable
             elif seen_write:
                 raise ChainError("device-readable descriptor after a device-writable one")
+            else:
+                views = readable
             out.append(_tuple_new(Descriptor, (addr, length, flags)))
+            # The buffer views, in the same pass (most buffers sit inside one region). Any
+            # other case is left to _split_views, which raises its ChainError only when the
+            # device asks for the views: a bad buffer is not a malformed chain.
+            if length and views is not None:
+                for start, end, view in spans:
+                    if start <= addr and addr + length <= end:
+                        off = addr - start
+                        views.append(view[off : off + length])
+                        break
+                else:
+                    readable = writable = views = None
             if not flags & VIRTQ_DESC_F_NEXT:
+                if readable is not None and writable is not None:
+                    self._readable, self._writable = readable, writable
                 return out
             if nxt >= count:
                 raise ChainError(f"next index {nxt} >= table size {count}")
@@ -258,14 +304,20 @@ class DescriptorChain:
     def readable_views(self) -> list[memoryview]:
         """Views of the readable buffers (empty ones left out); ChainError if outside memory."""
         if self._readable is None:
-            self._split_views()
+            if self._parsed is None:
+                self._parsed = self._parse()
+            if self._readable is None:
+                self._split_views()
         assert self._readable is not None
         return self._readable
 
     def writable_views(self) -> list[memoryview]:
         """Views of the writable buffers (empty ones left out); ChainError if outside memory."""
         if self._writable is None:
-            self._split_views()
+            if self._parsed is None:
+                self._parsed = self._parse()
+            if self._writable is None:
+                self._split_views()
         assert self._writable is not None
         return self._writable
 
@@ -306,19 +358,59 @@ class Queue:
         if not 0 < max_size <= MAX_QUEUE_SIZE or max_size & (max_size - 1):
             raise ValueError(f"queue max size {max_size} is not a power of two <= 32768")
         self.max_size = max_size
-        self.size = max_size
+        self._size = max_size
         self.ready = False
-        self.desc_table = 0
-        self.avail_ring = 0
-        self.used_ring = 0
+        self._desc_table = 0
+        self._avail_ring = 0
+        self._used_ring = 0
         self.event_idx = False
         self.next_avail = 0
         self.next_used = 0
         self.num_added = 0  # used entries since the last needs_notification()
-        self._rings_key: tuple[Any, ...] | None = None
+        self._mem: GuestMemory | None = None  # the memory the cached ring views are of
+        self._spans: tuple[tuple[int, int, memoryview], ...] | None = None  # _mem's regions
         self._desc: memoryview | None = None
         self._avail: memoryview | None = None
         self._used: memoryview | None = None
+        self._used16: memoryview | None = None  # the used ring as 16-bit words (see _used_words)
+
+    # The ring layout. Setting any of these drops the cached ring views, so the next use
+    # validates the new layout; the data path then only checks that the views exist.
+    @property
+    def size(self) -> int:
+        return self._size
+
+    @size.setter
+    def size(self, value: int) -> None:
+        self._size = value
+        self._drop_views()
+
+    @property
+    def desc_table(self) -> int:
+        return self._desc_table
+
+    @desc_table.setter
+    def desc_table(self, value: int) -> None:
+        self._desc_table = value
+        self._drop_views()
+
+    @property
+    def avail_ring(self) -> int:
+        return self._avail_ring
+
+    @avail_ring.setter
+    def avail_ring(self, value: int) -> None:
+        self._avail_ring = value
+        self._drop_views()
+
+    @property
+    def used_ring(self) -> int:
+        return self._used_ring
+
+    @used_ring.setter
+    def used_ring(self, value: int) -> None:
+        self._used_ring = value
+        self._drop_views()
 
     # -- configuration ----------------------------------------------------------------------
     @staticmethod
@@ -349,8 +441,8 @@ class Queue:
         self._drop_views()
 
     def _drop_views(self) -> None:
-        self._rings_key = None
-        self._desc = self._avail = self._used = None
+        self._mem = None
+        self._desc = self._avail = self._used = self._used16 = None
 
     def state(self) -> dict[str, Any]:
         return {
@@ -382,21 +474,39 @@ class Queue:
 
     # -- ring access ------------------------------------------------------------------------
     def _rings(self, mem: GuestMemory) -> tuple[memoryview, memoryview, memoryview]:
-        key = (mem, self.size, self.desc_table, self.avail_ring, self.used_ring)
-        if key != self._rings_key:
-            if not self.is_valid(mem):
-                self._drop_views()
-                raise QueueError(
-                    f"queue size {self.size} or rings (desc {self.desc_table:#x}, avail "
-                    f"{self.avail_ring:#x}, used {self.used_ring:#x}) are not valid"
-                )
-            d, a, u = self.areas(self.size)
-            self._desc = mem.view(self.desc_table, d)
-            self._avail = mem.view(self.avail_ring, a)
-            self._used = mem.view(self.used_ring, u)
-            self._rings_key = key
+        if mem is not self._mem or self._used16 is None:
+            self._map_rings(mem)
         assert self._desc is not None and self._avail is not None and self._used is not None
         return self._desc, self._avail, self._used
+
+    def _map_rings(self, mem: GuestMemory) -> None:
+        """Validate the layout and cache views of the rings in `mem` (until it changes)."""
+        self._drop_views()
+        if not self.is_valid(mem):
+            raise QueueError(
+                f"queue size {self.size} or rings (desc {self.desc_table:#x}, avail "
+                f"{self.avail_ring:#x}, used {self.used_ring:#x}) are not valid"
+            )
+        d, a, u = self.areas(self.size)
+        self._desc = mem.view(self.desc_table, d)
+        self._avail = mem.view(self.avail_ring, a)
+        self._used = mem.view(self.used_ring, u)
+        self._used16 = self._used.cast("H")  # 6 + 8 * size bytes: always even
+        self._spans = _spans(mem)
+        self._mem = mem
+
+    def _used_words(self, mem: GuestMemory) -> memoryview:
+        """The used ring as native (little-endian on x86) 16-bit words: flags at 0, idx at 1,
+        avail_event at 2 + 4 * size.
+
+        The driver reads these while we write them, so each must change in one store. A store
+        through this view is one 16-bit store; `struct.pack_into` is not: CPython zeroes the
+        destination before packing, and a driver polling the used idx can see 0 in between
+        and take it for 65535 new entries.
+        """
+        self._rings(mem)
+        assert self._used16 is not None
+        return self._used16
 
     def avail_idx(self, mem: GuestMemory) -> int:
         return int(_U16.unpack_from(self._rings(mem)[1], 2)[0])
@@ -418,18 +528,24 @@ class Queue:
         """The next available chain, or None. Raises QueueError on a corrupt queue."""
         if not self.ready:
             return None
-        desc, avail, _ = self._rings(mem)
-        idx = _U16.unpack_from(avail, 2)[0]  # acquire: the idx before the entries (TSO)
-        ahead = (idx - self.next_avail) & 0xFFFF
+        if mem is not self._mem or self._used16 is None:
+            self._map_rings(mem)
+        avail = self._avail
+        assert avail is not None and self._desc is not None
+        u16 = _U16.unpack_from
+        idx = u16(avail, 2)[0]  # acquire: the idx before the entries (TSO)
+        next_avail = self.next_avail
+        ahead = (idx - next_avail) & 0xFFFF
         if ahead == 0:
             return None
-        if ahead > self.size:
-            raise QueueError(f"avail idx {idx} is {ahead} entries ahead of a queue of {self.size}")
-        head = _U16.unpack_from(avail, 4 + 2 * (self.next_avail & (self.size - 1)))[0]
-        if head >= self.size:
-            raise QueueError(f"avail ring entry {head} >= queue size {self.size}")
-        self.next_avail = (self.next_avail + 1) & 0xFFFF
-        return DescriptorChain(mem, desc, self.size, head)
+        size = self._size
+        if ahead > size:
+            raise QueueError(f"avail idx {idx} is {ahead} entries ahead of a queue of {size}")
+        head = u16(avail, 4 + 2 * (next_avail & (size - 1)))[0]
+        if head >= size:
+            raise QueueError(f"avail ring entry {head} >= queue size {size}")
+        self.next_avail = (next_avail + 1) & 0xFFFF
+        return DescriptorChain(mem, self._desc, size, head, self._spans)
 
     def undo_pop(self) -> None:
         """Give back the last popped chain (e.g. the tap had no frame for an rx buffer)."""
@@ -437,14 +553,21 @@ class Queue:
 
     def add_used(self, mem: GuestMemory, head_index: int, length: int) -> None:
         """Return a chain: write the used element, then publish the new used idx."""
-        if not 0 <= head_index < self.size:
-            raise QueueError(f"used head index {head_index} >= queue size {self.size}")
-        _, _, used = self._rings(mem)
-        slot = self.next_used & (self.size - 1)
-        _USED_ELEM.pack_into(used, 4 + 8 * slot, head_index, length & 0xFFFFFFFF)
-        self.next_used = (self.next_used + 1) & 0xFFFF
+        size = self._size
+        if not 0 <= head_index < size:
+            raise QueueError(f"used head index {head_index} >= queue size {size}")
+        if mem is not self._mem or self._used16 is None:
+            self._map_rings(mem)
+        words = self._used16
+        assert words is not None and self._used is not None
+        next_used = self.next_used
+        slot = next_used & (size - 1)
+        _USED_ELEM.pack_into(self._used, 4 + 8 * slot, head_index, length & 0xFFFFFFFF)
+        self.next_used = next_used = (next_used + 1) & 0xFFFF
         self.num_added += 1
-        _U16.pack_into(used, 2, self.next_used)  # release: after the element (TSO)
+        # Release: after the element (TSO). One store (see _used_words); the element above may
+        # be written in two steps, as the driver does not read it before this.
+        words[1] = next_used
 
     def needs_notification(self, mem: GuestMemory) -> bool:
         """Whether the driver wants an interrupt for the entries added since the last call."""
@@ -466,11 +589,11 @@ class Queue:
         """Ask the driver to notify on new buffers; True if some arrived meanwhile (re-check)."""
         if not self.ready:
             return False
-        _, avail, used = self._rings(mem)
+        _, avail, _ = self._rings(mem)
         if self.event_idx:
-            _U16.pack_into(used, 4 + 8 * self.size, self.next_avail)  # avail_event
+            self._used_words(mem)[2 + 4 * self.size] = self.next_avail  # avail_event
         else:
-            _U16.pack_into(used, 0, 0)
+            self._used_words(mem)[0] = 0  # flags
         _full_barrier()
         return bool(_U16.unpack_from(avail, 2)[0] != self.next_avail)
 
@@ -479,5 +602,4 @@ class Queue:
         if not self.ready or self.event_idx:
             # With EVENT_IDX a stale avail_event already suppresses them.
             return
-        _, _, used = self._rings(mem)
-        _U16.pack_into(used, 0, VIRTQ_USED_F_NO_NOTIFY)
+        self._used_words(mem)[0] = VIRTQ_USED_F_NO_NOTIFY

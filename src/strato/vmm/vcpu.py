@@ -68,7 +68,8 @@ class Vcpu:
     def kick(self) -> None:
         self.fd.set_immediate_exit(True)
         t = self._thread
-        if t is not None and t.ident is not None and t.is_alive():
+        # Without our handler the signal's default action would end the whole process.
+        if _kick_installed and t is not None and t.ident is not None and t.is_alive():
             try:
                 signal.pthread_kill(t.ident, KICK_SIGNAL)
             except ProcessLookupError:
@@ -137,3 +138,8 @@ class Vcpu:
             stop = Stop(StopReason.VMM_ERROR, f"vCPU {self.id}: {e}", self.id)
         if stop is not None:
             self._on_stop(stop)
+
+
+if threading.current_thread() is threading.main_thread():
+    # Install at import where we can, so a VM later run from a worker thread can be kicked.
+    install_kick_handler()

@@ -28,6 +28,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("strato.devices.virtio")
 
+# Most buffers one readv/writev/preadv takes (UIO_MAXIOV); a chain may have more.
+IOV_MAX = 1024
+
 COMMON_FEATURES = (
     (1 << VIRTIO_F_VERSION_1) | (1 << VIRTIO_F_RING_EVENT_IDX) | (1 << VIRTIO_F_RING_INDIRECT_DESC)
 )

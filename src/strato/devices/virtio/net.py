@@ -5,6 +5,11 @@ straight into the writable buffers of one rx chain (the 12-byte virtio_net_hdr_v
 the tap itself). When the guest has no rx buffers left, the tap is masked on the loop (frames
 wait in the tap's queue, nothing spins and nothing is dropped here) until the guest notifies
 the rx queue. TX: each tx chain's readable buffers go to the tap with one writev.
+
+Rate limiters (one per direction, Cloud Hypervisor's semantics) take one op and the frame's
+bytes per frame; once one runs dry the next frames wait (tx in the ring, rx in the tap) until
+its timer fires. A tap whose interface is deleted under us reports EPOLLERR forever: it leaves
+the event loop, and from then on tx frames are dropped (counted) and nothing is received.
 """
 
 from __future__ import annotations
@@ -23,7 +28,8 @@ from strato.devices.backends.tap import (
     VNET_HDR_SIZE,
     Tap,
 )
-from strato.devices.virtio.base import VirtioDeviceBase
+from strato.devices.rate_limiter import RateLimiter, TokenType
+from strato.devices.virtio.base import IOV_MAX, VirtioDeviceBase
 from strato.virtio.device import TYPE_NET
 from strato.virtio.queue import ChainError
 
@@ -88,6 +94,8 @@ class Net(VirtioDeviceBase):
         mac: str | bytes | None = None,
         queue_size: int = 256,
         mtu: int | None = None,
+        rx_rate_limiter: RateLimiter | None = None,
+        tx_rate_limiter: RateLimiter | None = None,
     ) -> None:
         self.tap = tap
         self.mac = parse_mac(mac) if mac is not None else random_mac()
@@ -111,6 +119,12 @@ class Net(VirtioDeviceBase):
         super().__init__([queue_size, queue_size], features)
         self.rx_paused = False
         self.tx_blocked = False
+        # Cloud Hypervisor's net rate limiting: one limiter per direction, one op per frame
+        # plus its bytes; the frame that empties the bucket still goes, the next ones wait.
+        self.rx_rate_limiter = rx_rate_limiter
+        self.tx_rate_limiter = tx_rate_limiter
+        self.rx_throttled = False
+        self.tap_failed = False
         self.stats = {
             "rx_bytes": 0,
             "rx_frames": 0,
@@ -143,26 +157,85 @@ class Net(VirtioDeviceBase):
         self.tap.set_offload(self.tap_offload())
         self.rx_paused = False
         self.tx_blocked = False
-        self._register(self.tap.fd, self._on_tap, select.EPOLLIN)
+        self.rx_throttled = False
+        if not self.tap_failed:
+            self._register(self.tap.fd, self._on_tap, select.EPOLLIN)
+        for rl, on_timer in (
+            (self.rx_rate_limiter, self._on_rx_rate_timer),
+            (self.tx_rate_limiter, self._on_tx_rate_timer),
+        ):
+            if rl is not None and (fd := rl.fileno()) is not None:
+                self._register(fd, on_timer, select.EPOLLIN)
 
     def _on_reset(self) -> None:
         self.rx_paused = False
         self.tx_blocked = False
+        self.rx_throttled = False
+        for rl in (self.rx_rate_limiter, self.tx_rate_limiter):
+            if rl is not None:
+                rl.unblock()
+
+    def close(self) -> None:
+        """Release the rate limiters' timers (the tap is closed by its owner)."""
+        for rl in (self.rx_rate_limiter, self.tx_rate_limiter):
+            if rl is not None:
+                rl.close()
 
     def _watch_tap(self) -> None:
         assert self.loop is not None
-        events = (0 if self.rx_paused else select.EPOLLIN) | (
-            select.EPOLLOUT if self.tx_blocked else 0
-        )
+        if self.tap_failed:
+            return  # no longer on the loop
+        rx_off = self.rx_paused or self.rx_throttled
+        events = (0 if rx_off else select.EPOLLIN) | (select.EPOLLOUT if self.tx_blocked else 0)
         self.loop.modify(self.tap.fd, events)
 
+    def _on_rx_rate_timer(self, mask: int) -> None:
+        assert self.rx_rate_limiter is not None
+        self.rx_rate_limiter.event_handler()
+        if self.rx_throttled:
+            self.rx_throttled = False
+            self._watch_tap()
+            if not self.rx_paused and not self.broken[RX_QUEUE]:
+                self._rx()
+
+    def _on_tx_rate_timer(self, mask: int) -> None:
+        assert self.tx_rate_limiter is not None
+        self.tx_rate_limiter.event_handler()
+        if not self.tx_blocked and not self.broken[TX_QUEUE]:
+            self._tx()
+
+    def _tap_gone(self) -> None:
+        """The tap reports an error condition (e.g. its interface was deleted under us).
+
+        epoll reports EPOLLERR whatever we ask for, so the fd must leave the loop or the loop
+        spins. Transmits then fail (counted in tx_dropped), nothing is received; the guest and
+        the other devices carry on.
+        """
+        self.tap_failed = True
+        self._unregister(self.tap.fd)
+        self._log.error(
+            "%s: tap %s failed (interface deleted?); its frames are dropped from now on",
+            self.name,
+            self.tap.name,
+        )
+
     def _on_tap(self, mask: int) -> None:
+        if mask & (select.EPOLLERR | select.EPOLLHUP) and not mask & (
+            select.EPOLLIN | select.EPOLLOUT
+        ):
+            self._tap_gone()
+            return
         if mask & select.EPOLLOUT and self.tx_blocked:
             self.tx_blocked = False
             self._watch_tap()
             if not self.broken[TX_QUEUE]:
                 self._tx()
-        if mask & select.EPOLLIN and not self.rx_paused and not self.broken[RX_QUEUE]:
+        if (
+            mask & select.EPOLLIN
+            and not self.rx_paused
+            and not self.rx_throttled
+            and not self.broken[RX_QUEUE]
+        ):
             self._rx()
 
     def _process(self, queue_index: int) -> None:
@@ -178,12 +251,19 @@ class Net(VirtioDeviceBase):
 
     # -- receive -----------------------------------------------------------------------------
     def _rx(self) -> None:
+        if self.tap_failed:
+            return  # nothing will ever arrive; the guest's buffers stay posted
         q = self.queues[RX_QUEUE]
         mem = self.mem
         assert mem is not None
+        rl = self.rx_rate_limiter
         frames = 0
         try:
             while frames < RX_BURST:
+                if rl is not None and rl.blocked:
+                    self.rx_throttled = True  # frames wait in the tap until the timer
+                    self._watch_tap()
+                    break
                 chain = q.pop(mem)
                 if chain is None:
                     if q.enable_notification(mem):
@@ -193,8 +273,12 @@ class Net(VirtioDeviceBase):
                     break
                 try:
                     views = chain.writable_views()
-                    if sum(len(v) for v in views) < VNET_HDR_SIZE:
+                    if sum(map(len, views)) < VNET_HDR_SIZE:
                         raise ChainError("rx buffer smaller than the virtio-net header")
+                    if len(views) > IOV_MAX:
+                        # readv would fail with EINVAL and leave the frame queued: we would
+                        # retry the same chain on the same frame forever.
+                        raise ChainError(f"rx chain has {len(views)} buffers (> {IOV_MAX})")
                 except ChainError as e:
                     self._log.warning("%s: bad rx chain: %s", self.name, e)
                     q.add_used(mem, chain.head_index, 0)
@@ -214,6 +298,8 @@ class Net(VirtioDeviceBase):
                     continue
                 _set_num_buffers(views)
                 q.add_used(mem, chain.head_index, n)
+                if rl is not None and rl.consume(1, TokenType.OPS):
+                    rl.consume(n, TokenType.BYTES)
                 frames += 1
                 self.stats["rx_frames"] += 1
                 self.stats["rx_bytes"] += max(0, n - VNET_HDR_SIZE)
@@ -226,14 +312,18 @@ class Net(VirtioDeviceBase):
         q = self.queues[TX_QUEUE]
         mem = self.mem
         assert mem is not None
+        rl = self.tx_rate_limiter
         sent = 0
         try:
             while True:
                 q.disable_notification(mem)
                 while (chain := q.pop(mem)) is not None:
+                    if rl is not None and rl.blocked:
+                        q.undo_pop()  # waits in the ring; the limiter's timer resumes us
+                        return
                     try:
                         views = chain.readable_views()
-                        size = sum(len(v) for v in views)
+                        size = sum(map(len, views))
                         if size < VNET_HDR_SIZE:
                             raise ChainError("tx frame shorter than the virtio-net header")
                     except ChainError as e:
@@ -246,6 +336,8 @@ class Net(VirtioDeviceBase):
                         self.tap.write_from(views)
                         self.stats["tx_frames"] += 1
                         self.stats["tx_bytes"] += size - VNET_HDR_SIZE
+                        if rl is not None and rl.consume(1, TokenType.OPS):
+                            rl.consume(size, TokenType.BYTES)
                     except BlockingIOError:
                         q.undo_pop()  # the tap is full: retry when it is writable
                         self.tx_blocked = True
@@ -266,16 +358,33 @@ class Net(VirtioDeviceBase):
     def state(self) -> dict[str, Any]:
         s = super().state()
         s["mac"] = format_mac(self.mac)
+        for key, rl in (
+            ("rx_rate_limiter", self.rx_rate_limiter),
+            ("tx_rate_limiter", self.tx_rate_limiter),
+        ):
+            if rl is not None:
+                s[key] = rl.state()
         return s
 
     def restore(self, state: dict[str, Any]) -> None:
         super().restore(state)
         if "mac" in state:
             self.mac = parse_mac(str(state["mac"]))
+        for key, rl in (
+            ("rx_rate_limiter", self.rx_rate_limiter),
+            ("tx_rate_limiter", self.tx_rate_limiter),
+        ):
+            if rl is not None and state.get(key) is not None:
+                rl.restore(state[key])
 
 
 def _set_num_buffers(views: list[memoryview]) -> None:
     """num_buffers = 1 (5.1.6.4: required without MRG_RXBUF; the tap leaves it alone)."""
+    first = views[0] if views else None
+    if first is not None and len(first) > _NUM_BUFFERS_OFFSET + 1:  # the usual: one buffer
+        first[_NUM_BUFFERS_OFFSET] = 1
+        first[_NUM_BUFFERS_OFFSET + 1] = 0
+        return
     for offset, value in ((_NUM_BUFFERS_OFFSET, 1), (_NUM_BUFFERS_OFFSET + 1, 0)):
         pos = offset  # the u16 may straddle two buffers
         for v in views:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from strato.devices.virtio.base import VirtioDeviceBase
+from strato.devices.virtio.base import IOV_MAX, VirtioDeviceBase
 from strato.virtio.device import TYPE_RNG
 from strato.virtio.queue import DescriptorChain
 
@@ -35,7 +35,8 @@ class Rng(VirtioDeviceBase):
 
     def _fill(self, chain: DescriptorChain) -> int:
         writer = chain.writer()
-        views = writer.take(min(writer.remaining, MAX_REQUEST))
+        # readv takes at most IOV_MAX buffers: fill those, leave the rest of a longer chain.
+        views = writer.take(min(writer.remaining, MAX_REQUEST))[:IOV_MAX]
         if not views:
             return 0
         try:
