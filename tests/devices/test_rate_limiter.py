@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from tests.devices.rate_limiter_fakes import FakeClock, FakeTimer
 
 from strato._sys.timerfd import TimerFd
 from strato.devices.backends.raw import RawFile
@@ -35,6 +34,7 @@ from strato.devices.virtio.block import (
 from strato.events import EventLoop
 from strato.memory import GuestMemory
 from strato.virtio.testing import DriverChain, DriverQueue, VirtioDriver
+from tests.devices.rate_limiter_fakes import FakeClock, FakeTimer
 
 MS = NS_PER_MS
 OPS, BYTES = TokenType.OPS, TokenType.BYTES

@@ -15,7 +15,6 @@ import time
 from collections.abc import Callable, Iterator
 
 import pytest
-from tests.devices.rate_limiter_fakes import FakeClock, FakeTimer
 
 from strato.devices.backends.tap import VNET_HDR_SIZE, Tap
 from strato.devices.rate_limiter import REFILL_TIMER_INTERVAL_NS, RateLimiter
@@ -23,6 +22,7 @@ from strato.devices.virtio.net import RX_QUEUE, TX_QUEUE, Net
 from strato.events import EventLoop
 from strato.memory import GuestMemory
 from strato.virtio.testing import VirtioDriver
+from tests.devices.rate_limiter_fakes import FakeClock, FakeTimer
 
 pytestmark = [
     pytest.mark.root,

@@ -23,7 +23,6 @@ import pytest
 from elftools.elf.elffile import ELFFile
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from tests.guests.asm import build_elf
 
 from strato.cli.main import main
 from strato.devices.legacy.serial_output import ConsoleLog
@@ -48,6 +47,7 @@ from strato.vmm.stop import (
     StopReason,
 )
 from strato.vmm.vm import Vm
+from tests.guests.asm import build_elf
 
 pytestmark = [
     pytest.mark.kvm,

@@ -220,12 +220,14 @@ class VcpuFd:
         return self.decode_exit()
 
     def decode_exit(self) -> x.VcpuExit:
-        v = self.run_view
+        # struct reads and slices straight from the mmap: a slice of it is already bytes, and
+        # both skip the memoryview layer (about 0.5 us less per exit, bench/profile_planes.py).
+        v = self._run_map
         reason = _U32.unpack_from(v, b.KVM_RUN_EXIT_REASON)[0]
         if reason == k.KVM_EXIT_IO:
             direction, size, port, count, off = _IO.unpack_from(v, _U)
             if direction == k.KVM_EXIT_IO_OUT:
-                return x.IoOut(port, bytes(v[off : off + size * count]), size)
+                return x.IoOut(port, v[off : off + size * count], size)
             return x.IoIn(port, size, count, off)
         if reason == k.KVM_EXIT_MMIO:
             addr, data, length, is_write = _MMIO.unpack_from(v, _U)
