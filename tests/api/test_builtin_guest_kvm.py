@@ -39,7 +39,7 @@ def test_builtin_guest_through_the_api(make_env: Callable[..., ApiEnv], guest_el
     )
     api.boot()
     tree = api.info()["device_tree"]
-    assert "__serial" in tree and tree["_rng"]["pci_bdf"].startswith("0000:00:")
+    assert "__serial" in tree and tree["__rng"]["pci_bdf"].startswith("0000:00:")
 
     def output() -> str:
         return serial.read_text(errors="replace") if serial.exists() else ""
@@ -52,7 +52,7 @@ def test_builtin_guest_through_the_api(make_env: Callable[..., ApiEnv], guest_el
     assert ("vm", "rebooted") in env.events()
     api.pause()
     assert api.info()["state"] == "Paused"
-    assert set(api.counters()["_rng"]) >= {"read_bytes", "read_ops"}
+    assert set(api.counters()["__rng"]) >= {"read_bytes", "read_ops"}
     api.resume()
     api.shutdown()
     assert api.info()["state"] == "Shutdown"

@@ -137,6 +137,7 @@ class ApiServer:
         self.requests_served = 0
         self.connections_accepted = 0
         self.peak_connections = 0
+        self.on_thread_start: Callable[[], None] | None = None  # e.g. the API seccomp filter
 
     # -- control ------------------------------------------------------------------------------
     def start(self) -> None:
@@ -181,6 +182,8 @@ class ApiServer:
 
     # -- the server thread --------------------------------------------------------------------
     def _serve(self) -> None:
+        if self.on_thread_start is not None:
+            self.on_thread_start()
         try:
             while not self._stopping:
                 try:
@@ -560,6 +563,7 @@ def serve_api(
     where: str | os.PathLike[str] | int,
     *,
     limits: Limits | None = None,
+    on_thread_start: Callable[[], None] | None = None,
 ) -> ApiServer:
     """Serve the API for `controller` on a unix socket path, or on a listening socket's fd
     (taken over: closed by ApiServer.close()). Returns the running server."""
@@ -589,5 +593,6 @@ def serve_api(
             os.close(lock_fd)
             raise
         server = ApiServer(listener, ApiHandler(controller), limits, path=path, lock_fd=lock_fd)
+    server.on_thread_start = on_thread_start
     server.start()
     return server

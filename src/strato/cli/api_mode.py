@@ -9,6 +9,7 @@ import sys
 from collections.abc import Callable
 
 from strato.api.server import api_socket_target, serve_api
+from strato.vmm import seccomp
 from strato.vmm.config import ConfigError, VmConfig
 from strato.vmm.controller import Action, ManagedVm, VmmController, VmmError
 from strato.vmm.events import EventMonitor
@@ -30,7 +31,9 @@ def run_api_mode(ns: argparse.Namespace, config: VmConfig | None) -> int:
     controller.start()
     try:
         target = api_socket_target(ns.api_socket)
-        server = serve_api(controller, target)
+        server = serve_api(
+            controller, target, on_thread_start=seccomp.thread_hook("api", ns.seccomp)
+        )
     except (ValueError, OSError) as e:
         controller.close()
         raise ConfigError(f"--api-socket {ns.api_socket}: {e}") from None

@@ -18,6 +18,7 @@ from strato.vmm.config import (
     PayloadConfig,
     VmConfig,
 )
+from strato.vmm.landlock import parse_rule as parse_landlock_rule
 from strato.vmm.stop import EXIT_CONFIG_ERROR
 
 
@@ -77,6 +78,19 @@ def build_parser() -> ArgumentParser:
         help="seccomp filtering (true)",
     )
     p.add_argument(
+        "--landlock",
+        action="store_true",
+        help="restrict strato's file access to the paths of its configuration (landlock)",
+    )
+    p.add_argument(
+        "--landlock-rules",
+        action="extend",
+        nargs="+",
+        default=[],
+        metavar="path=PATH,access=r|w|rw",
+        help="with --landlock: more paths strato may use (repeatable)",
+    )
+    p.add_argument(
         "--no-shutdown",
         action="store_true",
         help="with --api-socket: keep the VMM running after the guest stops",
@@ -118,5 +132,8 @@ def config_from_args(ns: argparse.Namespace) -> VmConfig:
         net=tuple(options.parse_net(n) for n in ns.net),
         rng=options.parse_rng(ns.rng) if ns.rng else None,
         no_reboot=ns.no_reboot,
+        seccomp=ns.seccomp,
+        landlock=ns.landlock,
+        landlock_rules=tuple(parse_landlock_rule(r) for r in ns.landlock_rules),
     )
     return cfg

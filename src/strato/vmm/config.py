@@ -91,6 +91,15 @@ class RngConfig:
 
 
 @dataclass(frozen=True)
+class LandlockRuleConfig:
+    """`--landlock-rules path=...,access=r|w|rw`: one more path strato may use (Cloud
+    Hypervisor's LandlockConfig)."""
+
+    path: Path
+    access: str
+
+
+@dataclass(frozen=True)
 class VmConfig:
     payload: PayloadConfig = field(default_factory=PayloadConfig)
     cpus: CpusConfig = field(default_factory=CpusConfig)
@@ -102,6 +111,9 @@ class VmConfig:
     rng: RngConfig | None = None
     no_reboot: bool = False
     acpi: bool = True
+    seccomp: str = "true"  # "true" | "false" | "log" (strato.vmm.seccomp)
+    landlock: bool = False
+    landlock_rules: tuple[LandlockRuleConfig, ...] = ()
 
     def validate(self) -> None:
         """Check what can be checked without touching KVM; raise ConfigError naming the field."""
@@ -128,3 +140,10 @@ class VmConfig:
         for d in self.disks:
             if not Path(d.path).exists():
                 raise ConfigError(f"--disk path={d.path}: no such file")
+        if self.seccomp not in ("true", "false", "log"):
+            raise ConfigError(f"--seccomp {self.seccomp}: expected true, false or log")
+        for r in self.landlock_rules:
+            if r.access not in ("r", "w", "rw"):
+                raise ConfigError(f"--landlock-rules access={r.access}: expected r, w or rw")
+            if not Path(r.path).exists():
+                raise ConfigError(f"--landlock-rules path={r.path}: no such file or directory")

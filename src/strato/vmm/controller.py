@@ -113,7 +113,12 @@ class BuilderFactory:
             self.close()
             self._out = serial_output(config)
             self._config = config
-        return build_vm(config, serial_out=self._out)
+        vm = build_vm(config, serial_out=self._out)
+        # Each vCPU and the device event loop install their seccomp filter as they start.
+        from strato.vmm import seccomp
+
+        vm.thread_hooks.update(seccomp.thread_hooks(config.seccomp))
+        return vm
 
     def close(self) -> None:
         out, self._out, self._config = self._out, None, None

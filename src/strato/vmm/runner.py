@@ -12,6 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 from strato.devices.legacy.serial_output import OutputLike
+from strato.vmm import seccomp
 from strato.vmm.builder import BootTimes, build_vm, serial_output
 from strato.vmm.config import ConsoleMode, VmConfig
 from strato.vmm.platform import warn_if_emulated
@@ -34,6 +35,10 @@ def run(
     """Boot `config` and wait for the guest to stop. A guest reset boots it again unless
     `config.no_reboot`. Returns the final Stop (its `exit_status` is the command's)."""
     warn_if_emulated()
+    if threading.current_thread() is threading.main_thread():
+        # A disk write past RLIMIT_FSIZE must fail with EFBIG (an I/O error for the guest),
+        # not kill the VMM (CPython ignores SIGXFSZ already; an embedder may not).
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     # One output sink for every boot: a reboot must not truncate or reopen the serial file.
     owned_out = serial_output(config) if serial_out is None else None
     try:
@@ -50,9 +55,12 @@ def _run(
     timeout: float | None,
     handle_signals: bool,
 ) -> Stop:
+    # Each vCPU and the device event loop install their seccomp filter as they start.
+    hooks = seccomp.thread_hooks(config.seccomp)
     for _ in range(MAX_REBOOTS):
         times = BootTimes()
         vm = build_vm(config, serial_out=serial_out, times=times)
+        vm.thread_hooks.update(hooks)
         stdin_pump = None
         try:
             vm.start()

@@ -24,6 +24,7 @@ EXIT_VMM_ERROR = 1
 EXIT_CONFIG_ERROR = 2
 EXIT_GUEST_CRASH = 3  # triple fault, guest panic
 EXIT_EMULATION_FAILURE = 4  # emulation failure or another KVM internal error
+EXIT_SECCOMP_VIOLATION = 159  # 128 + SIGSYS: a thread made a system call its filter forbids
 
 _EXIT_STATUS = {
     StopReason.POWEROFF: EXIT_OK,
