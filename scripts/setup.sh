@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 SUDO=""
 if [ "$(id -u)" != 0 ]; then SUDO="sudo"; fi
 
-DEBS=(gcc make binutils cpio xz-utils zstd lz4 iproute2 acpica-tools qemu-system-x86 linux-libc-dev)
+DEBS=(gcc make binutils cpio xz-utils zstd lz4 libseccomp2 iproute2 acpica-tools qemu-system-x86 linux-libc-dev)
 missing=()
 for p in "${DEBS[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
