@@ -24,6 +24,6 @@ def guest_elf() -> Path:
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     if not TIMINGS:
         return
-    terminalreporter.section("built-in guest: QEMU start to DONE line")
+    terminalreporter.section("built-in guest: VMM start to DONE line")
     for test_id, accel, seconds in TIMINGS:
         terminalreporter.write_line(f"{seconds:7.2f} s  {accel:4s}  {test_id}")

@@ -194,17 +194,20 @@ class GuestMemory:
         v, off = self._at(addr, 1)
         v[off] = value & 0xFF
 
+    # Not struct.pack_into: it zero-fills the destination before writing the value, so a guest
+    # polling the field (a used-ring index) could see a transient 0. A slice assignment of 2, 4
+    # or 8 bytes is one store.
     def write_u16(self, addr: int, value: int) -> None:
         v, off = self._at(addr, 2)
-        _U16.pack_into(v, off, value & 0xFFFF)
+        v[off : off + 2] = (value & 0xFFFF).to_bytes(2, "little")
 
     def write_u32(self, addr: int, value: int) -> None:
         v, off = self._at(addr, 4)
-        _U32.pack_into(v, off, value & 0xFFFFFFFF)
+        v[off : off + 4] = (value & 0xFFFFFFFF).to_bytes(4, "little")
 
     def write_u64(self, addr: int, value: int) -> None:
         v, off = self._at(addr, 8)
-        _U64.pack_into(v, off, value & 0xFFFFFFFFFFFFFFFF)
+        v[off : off + 8] = (value & 0xFFFFFFFFFFFFFFFF).to_bytes(8, "little")
 
     # -- ctypes objects -------------------------------------------------------------------------
     def read_obj(self, addr: int, ctype: type[CT]) -> CT:
