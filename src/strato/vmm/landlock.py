@@ -213,6 +213,11 @@ def python_paths() -> list[Path]:
 
     paths = {Path(sysconfig.get_paths()[k]) for k in ("stdlib", "platstdlib", "purelib", "platlib")}
     paths.add(Path(strato.__file__).resolve().parent)
+    # Extension modules imported later load shared libraries (binascii needs libz): the
+    # system's library directories and the dynamic loader's cache, read-only.
+    lib_dirs = ["/lib", "/lib64", "/usr/lib", "/usr/lib64", "/usr/local/lib", "/etc/ld.so.cache"]
+    paths.update(Path(d) for d in lib_dirs)
+    paths.add(Path(sys.base_prefix) / "lib")
     for name, module in list(sys.modules.items()):
         # Editable installs and .pth entries: the directory of each imported top-level package.
         f = getattr(module, "__file__", None)
