@@ -112,7 +112,8 @@ def parse_head(raw: bytes, *, max_body_bytes: int) -> RequestHead:
         )
     cl = headers.get("content-length")
     if cl is not None:
-        if not cl.isdigit() or len(cl) > 19:
+        # ASCII digits only: str.isdigit() also accepts superscripts that int() refuses.
+        if not (cl.isascii() and cl.isdigit()) or len(cl) > 19:
             raise HttpError(400, "Bad Request", "malformed Content-Length")
         if int(cl) > max_body_bytes:
             raise HttpError(

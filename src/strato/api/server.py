@@ -154,7 +154,9 @@ class ApiServer:
         if self._stopping:
             return
         self._stopping = True
-        self._wake.write(1)
+        with self._done_lock:  # the server thread closes the eventfd under this lock
+            if self._wake.fd >= 0:
+                self._wake.write(1)
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout + 1.0)
         if self.path is not None:

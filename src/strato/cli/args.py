@@ -114,6 +114,10 @@ def config_from_args(ns: argparse.Namespace) -> VmConfig:
     console: ConsoleConfig = options.parse_console("console", ns.console)
     if serial.mode is ConsoleMode.TTY and console.mode is ConsoleMode.TTY:
         raise ConfigError("--serial tty and --console tty: only one of them can use the terminal")
+    for flag, text in (("--kernel", ns.kernel), ("--initramfs", ns.initramfs),
+                       ("--cmdline", ns.cmdline), ("--firmware", ns.firmware)):  # fmt: skip
+        if text is not None and "\x00" in text:
+            raise ConfigError(f"{flag}: must not contain a NUL character")
     payload = PayloadConfig(
         kernel=Path(ns.kernel) if ns.kernel else None,
         cmdline=ns.cmdline,

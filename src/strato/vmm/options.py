@@ -6,6 +6,7 @@ the option and the value that was wrong.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -34,6 +35,8 @@ def split_options(option: str, value: str, known: tuple[str, ...]) -> dict[str, 
     out: dict[str, str] = {}
     if value.strip() == "":
         raise ConfigError(f"--{option}: empty value")
+    if "\x00" in value:
+        raise ConfigError(f"--{option}: must not contain a NUL character")
     for part in value.split(","):
         if "=" not in part:
             raise ConfigError(f"--{option} {value!r}: {part!r} is not key=value")
@@ -50,7 +53,7 @@ def split_options(option: str, value: str, known: tuple[str, ...]) -> dict[str, 
 
 def parse_size(option: str, key: str, value: str) -> int:
     m = _SIZE.match(value)
-    if not m:
+    if not m or len(m.group(1)) > 20:
         raise ConfigError(f"--{option} {key}={value}: not a size (examples: 512M, 1G, 4096)")
     n = int(m.group(1))
     return n << {"": 0, "K": 10, "M": 20, "G": 30, "T": 40}[m.group(2)]
@@ -65,6 +68,8 @@ def parse_bool(option: str, key: str, value: str) -> bool:
 
 
 def parse_int(option: str, key: str, value: str, lo: int = 0, hi: int = 1 << 63) -> int:
+    if len(value) > 40:
+        raise ConfigError(f"--{option} {key}={value[:40]}...: not an integer")
     try:
         n = int(value, 0)
     except ValueError:
@@ -111,6 +116,8 @@ def parse_console(option: str, value: str) -> ConsoleConfig:
         return ConsoleConfig(ConsoleMode.TTY)
     if value == "pty":
         return ConsoleConfig(ConsoleMode.PTY)
+    if "\x00" in value:
+        raise ConfigError(f"--{option}: must not contain a NUL character")
     if value.startswith("file="):
         path = value[len("file=") :]
         if not path:
@@ -182,6 +189,12 @@ def parse_net(value: str) -> NetConfig:
     for key in ("mac", "host_mac"):
         if key in d and not _MAC.match(d[key]):
             raise ConfigError(f"--net {key}={d[key]}: not a MAC address (12:34:56:78:9a:bc)")
+    for key, check in (("ip", ipaddress.IPv4Address), ("mask", ipaddress.IPv4Address)):
+        if key in d:
+            try:
+                check(d[key])
+            except ValueError:
+                raise ConfigError(f"--net {key}={d[key]}: not an IPv4 address") from None
     nq = _get(d, "num_queues", lambda v: parse_int("net", "num_queues", v, 2, 64), 2)
     if nq % 2:
         raise ConfigError(f"--net num_queues={nq}: must be even (one rx and one tx per pair)")
