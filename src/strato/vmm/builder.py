@@ -7,6 +7,7 @@ is the model).
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,7 +58,23 @@ class BootTimes:
         for name, t in self.steps:
             parts.append(f"{name} {(t - prev) / 1e6:.1f} ms")
             prev = t
+        since = process_age_ms()
+        if since is not None and self.steps:
+            age_at_last = since - (time.monotonic_ns() - self.steps[-1][1]) / 1e6
+            parts.append(f"{age_at_last:.0f} ms after the process started")
         return ", ".join(parts)
+
+
+def process_age_ms() -> float | None:
+    """How long ago this process started (Linux /proc), for start-up reports."""
+    try:
+        with open("/proc/self/stat") as f:
+            start_ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    return (uptime - start_ticks / os.sysconf("SC_CLK_TCK")) * 1000
 
 
 def serial_output(config: VmConfig) -> SerialOutput:
