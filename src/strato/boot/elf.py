@@ -14,7 +14,6 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import BinaryIO
 
-
 from strato.boot._common import cmdline_bytes, place_initramfs
 from strato.boot._image import ImageSource, open_image, read_at, read_into, size_of
 from strato.boot.cmdline import Cmdline
