@@ -13,12 +13,12 @@ from collections.abc import Iterator
 import pytest
 
 from strato.events import EventLoop
-from strato.interrupts.msi import GsiRoute, MsiRoute, MsiRouting
-from strato.kvm import Kvm, VmFd, msi_route
+from strato.interrupts.msi import MsiRouting
+from strato.kvm import Kvm, VmFd
 from strato.kvm import bindings as b
-from strato.kvm import ioctls as k
 from strato.memory import GuestMemory
 from strato.virtio.pci import NOTIFY_OFFSET, VirtioPciDevice
+from strato.vmm.routing import KvmRouting
 
 from .helpers import FakeVirtioDevice
 
@@ -29,33 +29,6 @@ pytestmark = [
 
 APIC_SVR = 0xF0
 APIC_IRR = 0x200
-
-
-class KvmRouting:
-    """The adapter the VMM puts between MsiRouting and VmFd (kvm_irq_routing_entry)."""
-
-    def __init__(self, vm: VmFd) -> None:
-        self.vm = vm
-        self.sent = 0
-
-    def set_gsi_routing(self, entries: list[GsiRoute]) -> None:
-        out = []
-        for e in entries:
-            if isinstance(e, MsiRoute):
-                out.append(msi_route(e.gsi, e.address_hi << 32 | e.address_lo, e.data))
-            else:
-                r = b.kvm_irq_routing_entry(gsi=e.gsi, type=k.KVM_IRQ_ROUTING_IRQCHIP)
-                r.u.irqchip.irqchip = e.irqchip
-                r.u.irqchip.pin = e.pin
-                out.append(r)
-        self.vm.set_gsi_routing(out)
-        self.sent += 1
-
-    def register_irqfd(self, eventfd_fd: int, gsi: int) -> None:
-        self.vm.register_irqfd(eventfd_fd, gsi)
-
-    def unregister_irqfd(self, eventfd_fd: int, gsi: int) -> None:
-        self.vm.unregister_irqfd(eventfd_fd, gsi)
 
 
 @pytest.fixture

@@ -8,6 +8,7 @@ import mmap
 import os
 import struct
 from collections.abc import Iterable, Sequence
+from typing import TypeVar
 
 from strato._sys.ioctl import SysError, ioctl, ioctl_int, ioctl_ptr
 from strato.kvm import bindings as b
@@ -21,6 +22,7 @@ _INTERNAL = struct.Struct("<II")
 _SYSEV = struct.Struct("<IIQ")
 _FAIL = struct.Struct("<QI")
 _U = b.KVM_RUN_EXIT_UNION
+_S = TypeVar("_S", bound=ctypes.Structure)
 
 
 class KvmError(SysError):
@@ -264,27 +266,26 @@ class VcpuFd:
     def set_immediate_exit(self, value: bool) -> None:
         self.run_view[b.KVM_RUN_IMMEDIATE_EXIT] = 1 if value else 0
 
-    # -- registers --------------------------------------------------------------------------------
+    # -- state (each KVM_GET_* fills a fresh structure; KVM_SET_* takes one) -------------------
+    def _get(self, ctype: type[_S], request: int, what: str) -> _S:
+        out = ctype()
+        ioctl(self.fd, request, out, what=what)
+        return out
+
     def get_regs(self) -> b.kvm_regs:
-        r = b.kvm_regs()
-        ioctl(self.fd, k.KVM_GET_REGS, r, what="KVM_GET_REGS")
-        return r
+        return self._get(b.kvm_regs, k.KVM_GET_REGS, "KVM_GET_REGS")
 
     def set_regs(self, regs: b.kvm_regs) -> None:
         ioctl(self.fd, k.KVM_SET_REGS, regs, what="KVM_SET_REGS")
 
     def get_sregs(self) -> b.kvm_sregs:
-        s = b.kvm_sregs()
-        ioctl(self.fd, k.KVM_GET_SREGS, s, what="KVM_GET_SREGS")
-        return s
+        return self._get(b.kvm_sregs, k.KVM_GET_SREGS, "KVM_GET_SREGS")
 
     def set_sregs(self, sregs: b.kvm_sregs) -> None:
         ioctl(self.fd, k.KVM_SET_SREGS, sregs, what="KVM_SET_SREGS")
 
     def get_fpu(self) -> b.kvm_fpu:
-        f = b.kvm_fpu()
-        ioctl(self.fd, k.KVM_GET_FPU, f, what="KVM_GET_FPU")
-        return f
+        return self._get(b.kvm_fpu, k.KVM_GET_FPU, "KVM_GET_FPU")
 
     def set_fpu(self, fpu: b.kvm_fpu) -> None:
         ioctl(self.fd, k.KVM_SET_FPU, fpu, what="KVM_SET_FPU")
@@ -314,33 +315,25 @@ class VcpuFd:
         ioctl(self.fd, k.KVM_SET_CPUID2, buf, what="KVM_SET_CPUID2")
 
     def get_lapic(self) -> b.kvm_lapic_state:
-        s = b.kvm_lapic_state()
-        ioctl(self.fd, k.KVM_GET_LAPIC, s, what="KVM_GET_LAPIC")
-        return s
+        return self._get(b.kvm_lapic_state, k.KVM_GET_LAPIC, "KVM_GET_LAPIC")
 
     def set_lapic(self, state: b.kvm_lapic_state) -> None:
         ioctl(self.fd, k.KVM_SET_LAPIC, state, what="KVM_SET_LAPIC")
 
     def get_mp_state(self) -> int:
-        s = b.kvm_mp_state()
-        ioctl(self.fd, k.KVM_GET_MP_STATE, s, what="KVM_GET_MP_STATE")
-        return int(s.mp_state)
+        return int(self._get(b.kvm_mp_state, k.KVM_GET_MP_STATE, "KVM_GET_MP_STATE").mp_state)
 
     def set_mp_state(self, state: int) -> None:
         ioctl(self.fd, k.KVM_SET_MP_STATE, b.kvm_mp_state(state), what="KVM_SET_MP_STATE")
 
     def get_vcpu_events(self) -> b.kvm_vcpu_events:
-        e = b.kvm_vcpu_events()
-        ioctl(self.fd, k.KVM_GET_VCPU_EVENTS, e, what="KVM_GET_VCPU_EVENTS")
-        return e
+        return self._get(b.kvm_vcpu_events, k.KVM_GET_VCPU_EVENTS, "KVM_GET_VCPU_EVENTS")
 
     def set_vcpu_events(self, events: b.kvm_vcpu_events) -> None:
         ioctl(self.fd, k.KVM_SET_VCPU_EVENTS, events, what="KVM_SET_VCPU_EVENTS")
 
     def get_xsave(self) -> b.kvm_xsave:
-        s = b.kvm_xsave()
-        ioctl(self.fd, k.KVM_GET_XSAVE, s, what="KVM_GET_XSAVE")
-        return s
+        return self._get(b.kvm_xsave, k.KVM_GET_XSAVE, "KVM_GET_XSAVE")
 
     def set_xsave(self, state: b.kvm_xsave) -> None:
         ioctl(self.fd, k.KVM_SET_XSAVE, state, what="KVM_SET_XSAVE")

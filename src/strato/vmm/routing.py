@@ -13,6 +13,7 @@ from strato.kvm import ioctls as k
 class KvmRouting:
     def __init__(self, vm: VmFd) -> None:
         self.vm = vm
+        self.sent = 0  # routing tables sent to KVM (each one replaces the whole table)
 
     def set_gsi_routing(self, entries: Sequence[GsiRoute]) -> None:
         out = []
@@ -25,6 +26,7 @@ class KvmRouting:
                 r.u.irqchip.pin = e.pin
                 out.append(r)
         self.vm.set_gsi_routing(out)
+        self.sent += 1
 
     def register_irqfd(self, eventfd_fd: int, gsi: int) -> None:
         self.vm.register_irqfd(eventfd_fd, gsi)
