@@ -1,8 +1,10 @@
 /*
  * Exit benchmarks: one VM exit per guest instruction, handled by the VMM in userspace.
  *
- *   bench=pio-exits[,ops=N][,port=P]   N x `outl` to port P (default 0xcf8, PCI CONFIG_ADDRESS:
- *                                      a register every PC VMM implements in userspace)
+ *   bench=pio-exits[,ops=N][,port=P][,size=1|2|4]
+ *                                      N x `out` of `size` bytes (default 4) to port P (default
+ *                                      0xcf8, PCI CONFIG_ADDRESS: every PC VMM implements it;
+ *                                      0x3ff with size=1 is the 16550 scratch register)
  *   bench=mmio-exits[,ops=N][,addr=A]  N x 32-bit `mov` to address A (default: the first virtio
  *                                      device's common configuration `device_feature_select`;
  *                                      any other address is mapped uncached first, so an
@@ -28,11 +30,19 @@ static void pio_exits(struct bench_cfg *b)
 {
 	u64 ops = b->ops ? b->ops : EXITS_DEFAULT_OPS;
 	u16 port = (u16)(b->port ? b->port : PCI_CONFIG_ADDRESS);
+	u64 width = b->size == 1 || b->size == 2 ? b->size : 4;
 	u32 saved = port == PCI_CONFIG_ADDRESS ? inl(port) : 0;
-	printf("BENCH-START pio-exits port=0x%x\n", port);
+	printf("BENCH-START pio-exits port=0x%x width=%lu\n", port, width);
 	u64 t0 = rdtsc();
-	for (u64 i = 0; i < ops; i++)
-		outl(port, 0x80000000U); /* bus 0 dev 0 fn 0 reg 0: harmless to latch */
+	if (width == 1)
+		for (u64 i = 0; i < ops; i++)
+			outb(port, 0x5a);
+	else if (width == 2)
+		for (u64 i = 0; i < ops; i++)
+			outw(port, 0x5a5a);
+	else
+		for (u64 i = 0; i < ops; i++)
+			outl(port, 0x80000000U); /* bus 0 dev 0 fn 0 reg 0: harmless to latch */
 	exits_end("pio-exits", ops, t0);
 	if (port == PCI_CONFIG_ADDRESS)
 		outl(port, saved);
