@@ -17,6 +17,13 @@ _ioctl = _libc.ioctl
 _ioctl.restype = ctypes.c_int
 
 
+# A second handle on the same function with declared argument types, for hot paths that pass
+# plain ints (no c_int/c_ulong objects built per call).
+raw_ioctl = ctypes.CDLL(None, use_errno=True).ioctl
+raw_ioctl.restype = ctypes.c_int
+raw_ioctl.argtypes = (ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong)
+
+
 class SysError(OSError):
     """A failed system call: `errno` and `strerror` as OSError has them, plus the call's name."""
 

@@ -210,6 +210,11 @@ class VcpuFd:
         self._run_map = mmap.mmap(fd, run_size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         self.run_view = memoryview(self._run_map)
 
+    @property
+    def run_map(self) -> mmap.mmap:
+        """The shared struct kvm_run mapping (the vCPU loop reads exits from it in place)."""
+        return self._run_map
+
     # -- run --------------------------------------------------------------------------------------
     def run(self) -> x.VcpuExit:
         """Enter the guest until the next exit; the ioctl releases the GIL."""
