@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import os
 
+from strato._sys.fd import OwnedFd
 
-class EventFd:
+
+class EventFd(OwnedFd):
     """An owned eventfd. Non-blocking by default so a data plane never stalls on it."""
 
     def __init__(self, initval: int = 0, nonblocking: bool = True) -> None:
@@ -21,17 +23,3 @@ class EventFd:
             return os.eventfd_read(self.fd)
         except BlockingIOError:
             return 0
-
-    def fileno(self) -> int:
-        return self.fd
-
-    def close(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
-
-    def __enter__(self) -> EventFd:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()

@@ -5,6 +5,8 @@ from __future__ import annotations
 import ctypes
 import os
 
+from strato._sys.fd import OwnedFd
+
 CLOCK_MONOTONIC = 1
 TFD_NONBLOCK = os.O_NONBLOCK
 TFD_CLOEXEC = os.O_CLOEXEC
@@ -42,7 +44,7 @@ def _check(ret: int, what: str) -> int:
     return ret
 
 
-class TimerFd:
+class TimerFd(OwnedFd):
     """An owned CLOCK_MONOTONIC timerfd, non-blocking, close-on-exec.
 
     `arm(ns)` schedules one expiry `ns` nanoseconds from now (replacing any earlier one); the fd
@@ -68,17 +70,3 @@ class TimerFd:
             return int.from_bytes(os.read(self.fd, 8), "little")
         except BlockingIOError:
             return 0
-
-    def fileno(self) -> int:
-        return self.fd
-
-    def close(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
-
-    def __enter__(self) -> TimerFd:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()

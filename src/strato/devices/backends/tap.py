@@ -14,6 +14,7 @@ import os
 from collections.abc import Sequence
 
 from strato._sys import SysError, ioctl, ioctl_int
+from strato._sys.fd import OwnedFd
 
 TUNSETIFF = 0x400454CA
 TUNSETOFFLOAD = 0x400454D0
@@ -45,7 +46,7 @@ class TapError(OSError):
     """A tap that cannot be opened or configured; the message names it."""
 
 
-class Tap:
+class Tap(OwnedFd):
     """An open tap interface (created if missing, which needs CAP_NET_ADMIN)."""
 
     def __init__(self, name: str, vnet_hdr_size: int = VNET_HDR_SIZE) -> None:
@@ -112,17 +113,3 @@ class Tap:
         if len(buffers) > 1024:  # IOV_MAX
             return os.write(self.fd, b"".join(buffers))
         return os.writev(self.fd, buffers)
-
-    def fileno(self) -> int:
-        return self.fd
-
-    def close(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
-
-    def __enter__(self) -> Tap:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
