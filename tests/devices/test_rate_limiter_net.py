@@ -10,7 +10,6 @@ import os
 import select
 import socket
 import struct
-import subprocess
 import time
 from collections.abc import Callable, Iterator
 
@@ -23,6 +22,7 @@ from strato.events import EventLoop
 from strato.memory import GuestMemory
 from strato.virtio.testing import VirtioDriver
 from tests.devices.rate_limiter_fakes import FakeClock, FakeTimer
+from tests.taps import host_tap
 
 pytestmark = [
     pytest.mark.root,
@@ -36,17 +36,8 @@ HOST_MAC = bytes.fromhex("525400abcdef")
 
 @pytest.fixture
 def tap_name() -> Iterator[str]:
-    name = f"strl{os.getpid() % 100000}"
-    subprocess.run(["ip", "tuntap", "add", "dev", name, "mode", "tap"], check=True)
-    try:
-        ipv6 = f"/proc/sys/net/ipv6/conf/{name}/disable_ipv6"
-        if os.path.exists(ipv6):
-            with open(ipv6, "w") as f:
-                f.write("1")
-        subprocess.run(["ip", "link", "set", name, "up"], check=True)
+    with host_tap("strl") as name:
         yield name
-    finally:
-        subprocess.run(["ip", "link", "del", name], check=False, capture_output=True)
 
 
 @pytest.fixture

@@ -29,6 +29,7 @@ from tests.faults.guestrun import (
     wait_until,
 )
 from tests.guest.harness import GuestOutput, Ready
+from tests.taps import host_tap
 
 pytestmark = [
     pytest.mark.root,
@@ -38,17 +39,8 @@ pytestmark = [
 
 @pytest.fixture
 def tap_name() -> Iterator[str]:
-    name = f"stfl{os.getpid() % 100000}"
-    subprocess.run(["ip", "tuntap", "add", "dev", name, "mode", "tap"], check=True)
-    try:
-        ipv6 = f"/proc/sys/net/ipv6/conf/{name}/disable_ipv6"
-        if os.path.exists(ipv6):
-            with open(ipv6, "w") as f:
-                f.write("1")
-        subprocess.run(["ip", "link", "set", name, "up"], check=True)
+    with host_tap("stfl") as name:
         yield name
-    finally:
-        subprocess.run(["ip", "link", "del", name], check=False, capture_output=True)
 
 
 def delete_tap(name: str) -> None:

@@ -21,7 +21,6 @@ import os
 import random
 import socket
 import struct
-import subprocess
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -65,6 +64,7 @@ from tests.fuzz._support import (
     no_internal_errors,
     snapshot,
 )
+from tests.taps import host_tap, wait_until_up
 
 DISK_SECTORS = 64
 
@@ -261,25 +261,14 @@ ETHERTYPE = 0x88B5
 def tap_wire() -> Iterator[tuple[Tap, socket.socket]]:
     if os.geteuid() != 0:
         pytest.skip("virtio-net needs a real tap, and creating one needs root")
-    name = f"stfz{os.getpid() % 100000}"
-    subprocess.run(["ip", "tuntap", "add", "dev", name, "mode", "tap"], check=True)
-    try:
-        ipv6 = Path(f"/proc/sys/net/ipv6/conf/{name}/disable_ipv6")
-        if ipv6.exists():
-            ipv6.write_text("1")  # no router solicitations on our wire
-        subprocess.run(["ip", "link", "set", name, "up"], check=True)
+    with host_tap("stfz") as name:
         tap = Tap(name)
-        deadline = time.monotonic() + 5
-        while Path(f"/sys/class/net/{name}/operstate").read_text().strip() != "up":
-            assert time.monotonic() < deadline, f"{name} never came up"
-            time.sleep(0.01)
+        wait_until_up(name)
         wire = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(3))
         wire.bind((name, 0))
         yield tap, wire
         wire.close()
         tap.close()
-    finally:
-        subprocess.run(["ip", "link", "del", name], check=False)
 
 
 def eth(payload: bytes) -> bytes:

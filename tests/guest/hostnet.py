@@ -6,9 +6,10 @@ import os
 import shutil
 import socket
 import struct
-import subprocess
 import threading
 from dataclasses import dataclass, field
+
+from tests.taps import create_tap, delete_tap
 
 ETH_P_ALL = 0x0003
 ETHERTYPE_TEST = 0x88B5
@@ -28,15 +29,10 @@ class TapDevice:
 
     def __init__(self, name: str) -> None:
         self.name = name
-        subprocess.run(["ip", "tuntap", "add", "dev", name, "mode", "tap"], check=True)
-        try:
-            subprocess.run(["ip", "link", "set", name, "up"], check=True)
-        except BaseException:
-            self.close()
-            raise
+        create_tap(name, quiet_ipv6=False)
 
     def close(self) -> None:
-        subprocess.run(["ip", "link", "del", self.name], check=False, capture_output=True)
+        delete_tap(self.name)
 
     def __enter__(self) -> TapDevice:
         return self

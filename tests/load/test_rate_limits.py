@@ -13,7 +13,6 @@ shows the limiter's timer resumed the queue again and again.
 from __future__ import annotations
 
 import os
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,6 +20,7 @@ import pytest
 
 from tests.faults.guestrun import strato_args, strato_command
 from tests.guest.harness import BenchResult, run_guest
+from tests.taps import host_tap
 
 pytestmark = [
     pytest.mark.kvm,
@@ -86,13 +86,8 @@ def test_disk_rate_limit(
 def tap_name() -> Iterator[str]:
     if os.geteuid() != 0:
         pytest.skip("needs root to create a tap")
-    name = f"strl{os.getpid() % 100000}"
-    subprocess.run(["ip", "tuntap", "add", "dev", name, "mode", "tap"], check=True)
-    try:
-        subprocess.run(["ip", "link", "set", name, "up"], check=True)
+    with host_tap("strl", quiet_ipv6=False) as name:
         yield name
-    finally:
-        subprocess.run(["ip", "link", "del", name], check=False, capture_output=True)
 
 
 @pytest.mark.root

@@ -14,7 +14,6 @@ import os
 import random
 import socket
 import struct
-import subprocess
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -35,6 +34,7 @@ from strato.events import EventLoop
 from strato.memory import GuestMemory
 from strato.virtio.queue import VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE
 from strato.virtio.testing import VirtioDriver
+from tests.taps import host_tap, wait_until_up
 
 SIZE = 8
 RAM = (0, 0x100000)
@@ -353,26 +353,14 @@ ETHERTYPE = 0x88B5
 def tap_wire() -> Iterator[tuple[Tap, socket.socket]]:
     if os.geteuid() != 0:
         pytest.skip("needs root to create a tap")
-    name = f"stf{os.getpid() % 100000}"
-    subprocess.run(["ip", "tuntap", "add", "dev", name, "mode", "tap"], check=True)
-    try:
-        ipv6 = f"/proc/sys/net/ipv6/conf/{name}/disable_ipv6"
-        if os.path.exists(ipv6):
-            with open(ipv6, "w") as f:
-                f.write("1")
-        subprocess.run(["ip", "link", "set", name, "up"], check=True)
+    with host_tap("stf") as name:
         tap = Tap(name)
-        deadline = time.monotonic() + 5
-        while open(f"/sys/class/net/{name}/operstate").read().strip() != "up":
-            assert time.monotonic() < deadline, f"{name} never came up"
-            time.sleep(0.01)
+        wait_until_up(name)
         wire = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(3))
         wire.bind((name, 0))
         yield tap, wire
         wire.close()
         tap.close()
-    finally:
-        subprocess.run(["ip", "link", "del", name], check=False)
 
 
 def eth(payload: bytes) -> bytes:

@@ -26,6 +26,7 @@ from strato.devices.virtio.net import (
 from strato.events import EventLoop
 from strato.memory import GuestMemory
 from strato.virtio.testing import DriverChain, VirtioDriver
+from tests.taps import host_tap
 
 pytestmark = [
     pytest.mark.root,
@@ -41,17 +42,8 @@ RX_BUF = 2048
 
 @pytest.fixture
 def tap_name() -> Iterator[str]:
-    name = f"stv{os.getpid() % 100000}"
-    subprocess.run(["ip", "tuntap", "add", "dev", name, "mode", "tap"], check=True)
-    try:
-        ipv6 = f"/proc/sys/net/ipv6/conf/{name}/disable_ipv6"
-        if os.path.exists(ipv6):
-            with open(ipv6, "w") as f:  # no router solicitations or MLD on our wire
-                f.write("1")
-        subprocess.run(["ip", "link", "set", name, "up"], check=True)
+    with host_tap("stv") as name:
         yield name
-    finally:
-        subprocess.run(["ip", "link", "del", name], check=False)
 
 
 @pytest.fixture
