@@ -84,13 +84,6 @@ def cmdline(data: bytes) -> None:
     assert out == data.removesuffix(b"\0") and 0 not in out
 
 
-def _api_http_new_bugs(data: bytes) -> None:
-    from tests.fuzz.test_fuzz_api import known_http_bug
-
-    if not known_http_bug(data):  # reported, replayed as an xfail: look for other bugs
-        api_http(data)
-
-
 # The properties, as the corpus replay checks them.
 PROPERTIES: dict[str, Callable[[bytes], None]] = {
     "api-http": api_http,
@@ -101,7 +94,7 @@ PROPERTIES: dict[str, Callable[[bytes], None]] = {
     "cmdline": cmdline,
 }
 # What atheris runs: the same, minus inputs that hit a bug already reported.
-TARGETS = {**PROPERTIES, "api-http": _api_http_new_bugs}
+TARGETS = PROPERTIES
 
 
 def run(target: str, args: list[str]) -> None:
