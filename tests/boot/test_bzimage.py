@@ -125,6 +125,7 @@ REJECTIONS: list[tuple[dict[str, Any], str]] = [
     ({"xloadflags": 0}, "no 64-bit entry point"),
     ({"loadflags": 0}, "zImage"),
     ({"syssize": 0}, "empty"),
+    ({"syssize": 1}, "too short to hold the 64-bit entry point"),  # found by tests/fuzz
     ({"syssize": 0x10000}, "truncated"),
     ({"jump": 0x40EB}, "setup header ends at 0x242"),
     ({"init_size": 0x8000000}, "does not fit in guest memory"),

@@ -110,6 +110,11 @@ def _parse(f: BinaryIO, name: str) -> BzImage:
     kernel_size = header.syssize * 16
     if kernel_size == 0:
         raise BootError(f"{name}: its setup header says the kernel is empty (syssize 0)")
+    if kernel_size <= ENTRY_64_OFFSET:
+        raise BootError(
+            f"{name}: its kernel is {kernel_size} bytes (syssize {header.syssize}), too short to "
+            f"hold the 64-bit entry point at offset {ENTRY_64_OFFSET:#x}"
+        )
     if setup_size + kernel_size > size:
         raise BootError(
             f"{name} is truncated: the header says {setup_size} bytes of setup plus "
