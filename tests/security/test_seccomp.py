@@ -19,7 +19,8 @@ from pathlib import Path
 import pytest
 
 from strato.vmm import seccomp
-from strato.vmm.seccomp import EXIT_SECCOMP, KINDS, MODES
+from strato.vmm.seccomp import KINDS, MODES
+from strato.vmm.stop import EXIT_SECCOMP_VIOLATION
 
 PROBE = Path(__file__).with_name("probe.py")
 KVM = os.path.exists("/dev/kvm")
@@ -130,7 +131,8 @@ def test_the_violation_message_names_the_call_the_thread_and_the_filter() -> Non
     msg = seccomp.violation_message(41, "vcpu0", "vcpu")
     assert msg == (
         "strato: error: seccomp: thread vcpu0 made the forbidden system call socket (41), "
-        f"refused by the vcpu filter; strato stops (exit status {EXIT_SECCOMP}). Run with "
+        "refused by the vcpu filter; strato stops "
+        f"(exit status {EXIT_SECCOMP_VIOLATION}). Run with "
         "--seccomp log to let it through, and report it.\n"
     )
 
@@ -143,12 +145,12 @@ def test_a_forbidden_call_in_a_thread_ends_strato_with_its_name(
     guest_elf: Path, workdir: Path, kind: str, thread: str
 ) -> None:
     r = run([sys.executable, str(PROBE), f"{kind}-socket", *guest_flags(guest_elf, workdir)])
-    assert r.returncode == EXIT_SECCOMP, r.stderr
+    assert r.returncode == EXIT_SECCOMP_VIOLATION, r.stderr
     assert f"PROBE {kind} filters=('{kind}',)" in r.stderr
     assert "PROBE survived" not in r.stderr
     assert (
         f"strato: error: seccomp: thread {thread} made the forbidden system call socket (41), "
-        f"refused by the {kind} filter; strato stops (exit status {EXIT_SECCOMP})."
+        f"refused by the {kind} filter; strato stops (exit status {EXIT_SECCOMP_VIOLATION})."
     ) in r.stderr
 
 
@@ -182,7 +184,7 @@ def test_the_main_filter_allows_threads_but_not_fork(workdir: Path) -> None:
     r = run([sys.executable, str(PROBE), "fork", "--kernel", str(kernel), "--console", "off"])
     assert "PROBE thread ran" in r.stderr  # clone3 -> ENOSYS -> clone(CLONE_THREAD): allowed
     assert "PROBE forked" not in r.stderr
-    assert r.returncode == EXIT_SECCOMP, r.stderr
+    assert r.returncode == EXIT_SECCOMP_VIOLATION, r.stderr
     assert "thread MainThread made the forbidden system call clone (56)" in r.stderr
     assert "refused by the main filter" in r.stderr
 

@@ -17,7 +17,7 @@ thread to install its filter.
 
 `true` makes a forbidden call raise SIGSYS (SECCOMP_RET_TRAP). The handler here writes one line
 naming the system call and the thread to stderr (and the log file) and exits with status
-`EXIT_SECCOMP`. `log` lets every call through and has the kernel log the forbidden ones
+`EXIT_SECCOMP_VIOLATION`. `log` lets every call through and has the kernel log the forbidden ones
 (SECCOMP_RET_LOG: see `dmesg` or the audit log). `false` installs nothing.
 
 Python itself needs a common set in every thread (memory allocation, the GIL's futexes,
@@ -45,7 +45,6 @@ KINDS = ("main", "vcpu", "events", "api")
 MODES = ("true", "false", "log")
 
 # 128 + SIGSYS: what a shell reports for Cloud Hypervisor, which dies by SIGSYS.
-EXIT_SECCOMP = EXIT_SECCOMP_VIOLATION  # 128 + SIGSYS, as a shell reports a SIGSYS death
 
 _U32 = 0xFFFFFFFF
 _U64 = 0xFFFFFFFFFFFFFFFF
@@ -616,7 +615,7 @@ def violation_message(nr: int, thread_name: str, kind: str | None) -> str:
     return (
         f"strato: error: seccomp: thread {thread_name} made the forbidden system call "
         f"{syscall_name(nr)} ({nr}), refused by {filt}; strato stops (exit status "
-        f"{EXIT_SECCOMP}). Run with --seccomp log to let it through, and report it.\n"
+        f"{EXIT_SECCOMP_VIOLATION}). Run with --seccomp log to let it through, and report it.\n"
     )
 
 
@@ -632,7 +631,7 @@ def _on_sigsys(signum: int, info: ctypes._Pointer[_SigsysInfo], context: int | N
             if isinstance(h, logging.FileHandler) and h.stream is not None:
                 os.write(h.stream.fileno(), data)
     finally:
-        os._exit(EXIT_SECCOMP)
+        os._exit(EXIT_SECCOMP_VIOLATION)
 
 
 def install_sigsys_handler() -> None:
@@ -655,7 +654,6 @@ def install_sigsys_handler() -> None:
 
 
 __all__ = [
-    "EXIT_SECCOMP",
     "KINDS",
     "MODES",
     "Allow",
