@@ -26,7 +26,7 @@ from strato.devices.legacy.serial_output import (
     TtySink,
 )
 from strato.memory.layout import LAYOUT
-from strato.vmm import cpu_setup
+from strato.vmm import cpu_setup, seccomp
 from strato.vmm.config import ConfigError, ConsoleMode, VmConfig
 from strato.vmm.device_manager import DeviceManager
 from strato.vmm.machine import Machine
@@ -177,4 +177,32 @@ def build_vm(
         raise
 
 
-__all__ = ["BootError", "BootTimes", "ConfigError", "build_vm"]
+class VmBuilder:
+    """Builds the VMs of one config, boot after boot: one serial output shared by all of them (a
+    reboot must not truncate or reopen the serial file), and every VM's vCPU and event-loop
+    threads confined by the config's seccomp mode as they start. Used by the runner and by the
+    API's controller."""
+
+    def __init__(self, serial_out: OutputLike | None = None) -> None:
+        self._given = serial_out  # the caller's: never closed here
+        self._config: VmConfig | None = None
+        self._out: SerialOutput | None = None
+
+    def __call__(self, config: VmConfig, *, times: BootTimes | None = None) -> Vm:
+        if self._given is None and config is not self._config:
+            self.close()
+            self._out = serial_output(config)
+        self._config = config
+        out = self._given if self._given is not None else self._out
+        vm = build_vm(config, serial_out=out, times=times)
+        vm.thread_hooks.update(seccomp.thread_hooks(config.seccomp))
+        return vm
+
+    def close(self) -> None:
+        """Close the serial output this builder opened (if any)."""
+        out, self._out, self._config = self._out, None, None
+        if out is not None:
+            out.close()
+
+
+__all__ = ["BootError", "BootTimes", "ConfigError", "VmBuilder", "build_vm"]

@@ -98,32 +98,11 @@ VmFactory = Callable[[VmConfig], ManagedVm]
 Done = Callable[[object, "VmmError | None"], None]
 
 
-class BuilderFactory:
-    """The default VM factory: strato.vmm.builder.build_vm, with one serial output per VM
-    config, shared by its reboots (a reboot must not truncate the serial file)."""
+def _default_factory() -> VmFactory:
+    # Imported here: the API can serve `vmm.ping` before anything needs the builder.
+    from strato.vmm.builder import VmBuilder
 
-    def __init__(self) -> None:
-        self._config: VmConfig | None = None
-        self._out: Any = None
-
-    def __call__(self, config: VmConfig) -> ManagedVm:
-        from strato.vmm.builder import build_vm, serial_output
-
-        if config is not self._config:
-            self.close()
-            self._out = serial_output(config)
-            self._config = config
-        vm = build_vm(config, serial_out=self._out)
-        # Each vCPU and the device event loop install their seccomp filter as they start.
-        from strato.vmm import seccomp
-
-        vm.thread_hooks.update(seccomp.thread_hooks(config.seccomp))
-        return vm
-
-    def close(self) -> None:
-        out, self._out, self._config = self._out, None, None
-        if out is not None:
-            out.close()
+    return VmBuilder()
 
 
 class _LoopPark:
@@ -175,7 +154,7 @@ class VmmController:
         on_vm_start: Callable[[ManagedVm], Callable[[], None] | None] | None = None,
         version: str = __version__,
     ) -> None:
-        self._factory: VmFactory = vm_factory or BuilderFactory()
+        self._factory: VmFactory = vm_factory or _default_factory()
         self._on_vm_start = on_vm_start
         self._vm_cleanup: Callable[[], None] | None = None
         self.events: EventSink = events or NullEventMonitor()

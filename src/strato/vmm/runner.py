@@ -12,8 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 from strato.devices.legacy.serial_output import OutputLike
-from strato.vmm import seccomp
-from strato.vmm.builder import BootTimes, build_vm, serial_output
+from strato.vmm.builder import BootTimes, VmBuilder
 from strato.vmm.config import ConsoleMode, VmConfig
 from strato.vmm.platform import warn_if_emulated
 from strato.vmm.stop import Stop, StopReason
@@ -39,28 +38,23 @@ def run(
         # A disk write past RLIMIT_FSIZE must fail with EFBIG (an I/O error for the guest),
         # not kill the VMM (CPython ignores SIGXFSZ already; an embedder may not).
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-    # One output sink for every boot: a reboot must not truncate or reopen the serial file.
-    owned_out = serial_output(config) if serial_out is None else None
+    builder = VmBuilder(serial_out)
     try:
-        return _run(config, serial_out or owned_out, on_started, timeout, handle_signals)
+        return _run(config, builder, on_started, timeout, handle_signals)
     finally:
-        if owned_out is not None:
-            owned_out.close()
+        builder.close()
 
 
 def _run(
     config: VmConfig,
-    serial_out: OutputLike | None,
+    builder: VmBuilder,
     on_started: Callable[[Vm], None] | None,
     timeout: float | None,
     handle_signals: bool,
 ) -> Stop:
-    # Each vCPU and the device event loop install their seccomp filter as they start.
-    hooks = seccomp.thread_hooks(config.seccomp)
     for _ in range(MAX_REBOOTS):
         times = BootTimes()
-        vm = build_vm(config, serial_out=serial_out, times=times)
-        vm.thread_hooks.update(hooks)
+        vm = builder(config, times=times)
         stdin_pump = None
         try:
             vm.start()
