@@ -59,7 +59,8 @@ def _run(
         try:
             vm.start()
             times.mark("first KVM_RUN")
-            log.info("boot steps: %s", times.report())
+            if log.isEnabledFor(logging.INFO):  # the report reads /proc: only when shown
+                log.info("boot steps: %s", times.report())
             if on_started is not None:
                 on_started(vm)
             stdin_pump = terminal_input(config, vm)
