@@ -279,13 +279,6 @@ def mem() -> Iterator[GuestMemory]:
 
 
 @pytest.fixture
-def loop() -> Iterator[EventLoop]:
-    lp = EventLoop()
-    yield lp
-    lp.close()
-
-
-@pytest.fixture
 def image(tmp_path: Path) -> Path:
     p = tmp_path / "disk.raw"
     p.write_bytes(bytes(i % 251 for i in range(2048 * 512)))

@@ -48,13 +48,6 @@ def mem() -> Iterator[GuestMemory]:
 
 
 @pytest.fixture
-def loop() -> Iterator[EventLoop]:
-    lp = EventLoop()
-    yield lp
-    lp.close()
-
-
-@pytest.fixture
 def wire(tap_name: str) -> Iterator[socket.socket]:
     s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0003))
     s.bind((tap_name, 0))

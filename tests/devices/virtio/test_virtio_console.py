@@ -29,13 +29,6 @@ def mem() -> Iterator[GuestMemory]:
     m.close()
 
 
-@pytest.fixture
-def loop() -> Iterator[EventLoop]:
-    lp = EventLoop()
-    yield lp
-    lp.close()
-
-
 def pump(loop: EventLoop, until: Callable[[], bool], timeout: float = 5.0) -> None:
     deadline = time.monotonic() + timeout
     while not until():

@@ -54,13 +54,6 @@ def mem() -> Iterator[GuestMemory]:
 
 
 @pytest.fixture
-def loop() -> Iterator[EventLoop]:
-    lp = EventLoop()
-    yield lp
-    lp.close()
-
-
-@pytest.fixture
 def wire(tap_name: str) -> Iterator[socket.socket]:
     """The host end: a packet socket on the tap interface."""
     s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))

@@ -24,13 +24,6 @@ def mem() -> Iterator[GuestMemory]:
     m.close()
 
 
-@pytest.fixture
-def loop() -> Iterator[EventLoop]:
-    lp = EventLoop()
-    yield lp
-    lp.close()
-
-
 def test_fills_writable_buffers_from_the_source(
     mem: GuestMemory, loop: EventLoop, tmp_path: Path
 ) -> None:
