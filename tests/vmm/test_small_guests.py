@@ -36,7 +36,7 @@ from strato.vmm.config import (
     PayloadConfig,
     VmConfig,
 )
-from strato.vmm.exit_handler import RateLimitedLog
+from strato.vmm.exit_handler import _unknown_io
 from strato.vmm.platform import PVM_NOTE, kvm_emulates_kernel_mode
 from strato.vmm.runner import run
 from strato.vmm.stop import (
@@ -370,7 +370,7 @@ def test_unmapped_accesses_keep_running_and_log_bounded(
     ]
     # 203 unhandled accesses; the log takes a burst per period (two, if a slow host straddles
     # a period boundary).
-    assert len(unhandled) <= 2 * RateLimitedLog().burst, len(unhandled)
+    assert len(unhandled) <= 2 * _unknown_io.burst, len(unhandled)
     assert_no_traceback(r)
 
 

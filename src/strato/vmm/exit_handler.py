@@ -6,9 +6,9 @@
 from __future__ import annotations
 
 import logging
-import time
 from typing import Protocol
 
+from strato._sys.ratelog import RateLimitedLog
 from strato.bus import Bus
 from strato.kvm import exits as x
 from strato.kvm import ioctls as k
@@ -27,30 +27,7 @@ class ExitIo(Protocol):
     def set_mmio_read_data(self, data: bytes) -> None: ...
 
 
-class RateLimitedLog:
-    """At most `burst` messages per `period` seconds; counts what it suppressed."""
-
-    def __init__(self, burst: int = 10, period: float = 10.0) -> None:
-        self.burst = burst
-        self.period = period
-        self._window = 0.0
-        self._count = 0
-        self.suppressed = 0
-
-    def __call__(self, msg: str, *args: object) -> None:
-        now = time.monotonic()
-        if now - self._window > self.period:
-            if self.suppressed:
-                log.warning("(%d similar messages suppressed)", self.suppressed)
-            self._window, self._count, self.suppressed = now, 0, 0
-        if self._count < self.burst:
-            self._count += 1
-            log.warning(msg, *args)
-        else:
-            self.suppressed += 1
-
-
-_unknown_io = RateLimitedLog()
+_unknown_io = RateLimitedLog(log, burst=10, interval=10.0)
 _ONES = b"\xff" * 8
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from strato.devices.virtio.base import RateLimitedLog
+from strato._sys.ratelog import RateLimitedLog
 from strato.devices.virtio.rng import MAX_REQUEST, Rng
 from strato.events import EventLoop
 from strato.memory import GuestMemory

@@ -10,10 +10,10 @@ escapes `process_queue()` or an event-loop callback, so the VMM keeps running.
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
+from strato._sys.ratelog import RateLimitedLog
 from strato.virtio.device import (
     VIRTIO_F_RING_EVENT_IDX,
     VIRTIO_F_RING_INDIRECT_DESC,
@@ -34,38 +34,6 @@ IOV_MAX = 1024
 COMMON_FEATURES = (
     (1 << VIRTIO_F_VERSION_1) | (1 << VIRTIO_F_RING_EVENT_IDX) | (1 << VIRTIO_F_RING_INDIRECT_DESC)
 )
-
-
-class RateLimitedLog:
-    """At most `burst` messages per `interval` seconds; the rest are counted and summarised."""
-
-    def __init__(self, logger: logging.Logger, burst: int = 10, interval: float = 5.0) -> None:
-        self._logger = logger
-        self._burst = burst
-        self._interval = interval
-        self._window = 0.0
-        self._sent = 0
-        self.suppressed = 0
-
-    def log(self, level: int, msg: str, *args: object, exc_info: bool = False) -> None:
-        now = time.monotonic()
-        if now - self._window >= self._interval:
-            if self.suppressed:
-                self._logger.log(level, "%d similar messages suppressed", self.suppressed)
-            self._window = now
-            self._sent = 0
-            self.suppressed = 0
-        if self._sent < self._burst:
-            self._sent += 1
-            self._logger.log(level, msg, *args, exc_info=exc_info)
-        else:
-            self.suppressed += 1
-
-    def warning(self, msg: str, *args: object) -> None:
-        self.log(logging.WARNING, msg, *args)
-
-    def error(self, msg: str, *args: object, exc_info: bool = False) -> None:
-        self.log(logging.ERROR, msg, *args, exc_info=exc_info)
 
 
 class VirtioDeviceBase:
