@@ -9,7 +9,9 @@ and returns it, then asks about notifications. For any ring state:
 - the used ring gets one element per returned chain, at the right slot, across the 16-bit
   wrap; the notification decision follows the spec's rules (flags or used_event);
 - nothing outside the used ring and the chains' writable buffers changes, in particular the
-  guard region's canary.
+  guard region's canary;
+- popping and parsing one chain allocates at most CHAIN_ALLOC_BUDGET bytes (tracemalloc),
+  whatever its shape: the chain's cost is bounded by the queue size, not the guest's tables.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from hypothesis import strategies as st
 
 from strato.memory import GuestMemory
 from strato.virtio.queue import (
+    VIRTQ_DESC_F_INDIRECT,
     VIRTQ_DESC_F_NEXT,
     VIRTQ_DESC_F_WRITE,
     ChainError,
@@ -29,12 +32,15 @@ from strato.virtio.queue import (
     QueueError,
 )
 from strato.virtio.testing import vring_need_event
+from tests.budgets.harness import AllocationPeak
 from tests.fuzz import _rings
 from tests.fuzz._rings import DATA, SIZE, RingState, ring_states
 from tests.fuzz._support import CANARY, GUARD, changed_outside, count, fuzz_settings, snapshot
 
 DESC, AVAIL, USED = 0x1000, 0x1100, 0x1200
 SPLIT = 0x18000  # RAM is two adjacent regions meeting here, inside the data area
+# What parsing one chain may allocate: `size` descriptors and views (~300 bytes each) + slack.
+CHAIN_ALLOC_BUDGET = 4096 + 512 * SIZE
 
 
 def _memory() -> GuestMemory:
@@ -77,6 +83,16 @@ def _serve(mem: GuestMemory, q: Queue, chain: DescriptorChain) -> int:
     return chain.writable_len
 
 
+def _parse(chain: DescriptorChain) -> None:
+    """Everything a device asks of a chain's layout (cached on the chain afterwards)."""
+    try:
+        _ = chain.descriptors
+        chain.readable_views()
+        chain.writable_views()
+    except ChainError:
+        pass
+
+
 def run_queue(mem: GuestMemory, state: RingState) -> None:
     _rings.lay_out(mem, DESC, AVAIL, USED, SIZE, state)
     q = Queue(SIZE)
@@ -89,11 +105,15 @@ def run_queue(mem: GuestMemory, state: RingState) -> None:
     returned: list[tuple[int, int]] = []
     corrupt = False
     while len(returned) < 2 * SIZE:
-        try:
-            chain = q.pop(mem)
-        except QueueError:
-            corrupt = True
-            break
+        with AllocationPeak() as alloc:
+            try:
+                chain = q.pop(mem)
+            except QueueError:
+                chain = None
+                corrupt = True
+            if chain is not None:
+                _parse(chain)
+        assert alloc.peak <= CHAIN_ALLOC_BUDGET, f"one chain allocated {alloc.peak} bytes"
         if chain is None:
             break
         assert 0 <= chain.head_index < SIZE
@@ -142,6 +162,16 @@ _WRAP = RingState(
     used_event=0xFFFF,
     event_idx=True,
 )
+_BIG = RingState(  # every slot: an indirect table of BIG_COUNT (> SIZE) writable buffers
+    table=[(_rings.BIG_TABLE, _rings.BIG_COUNT * 16, VIRTQ_DESC_F_INDIRECT, 0)] * SIZE,
+    tables=[[] for _ in range(4)],
+    heads=[0] * SIZE,
+    ahead=SIZE,
+    start=0,
+    avail_flags=0,
+    used_event=0,
+    event_idx=False,
+)
 _CROSSING = RingState(  # one readable and one writable buffer across the region edge
     table=[(SPLIT - 8, 16, VIRTQ_DESC_F_NEXT, 1), (SPLIT - 4, 8, VIRTQ_DESC_F_WRITE, 0)]
     + [(DATA, 1, 0, 0)] * (SIZE - 2),
@@ -159,6 +189,7 @@ _CROSSING = RingState(  # one readable and one writable buffer across the region
 @given(state=ring_states())
 @example(state=_WRAP)
 @example(state=_CROSSING)
+@example(state=_BIG)
 def test_virtqueue_hostile_rings(state: RingState) -> None:
     count("virtqueue")
     mem = _memory()

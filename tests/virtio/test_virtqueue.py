@@ -15,9 +15,11 @@ from strato.virtio.queue import (
     VIRTQ_DESC_F_WRITE,
     VIRTQ_USED_F_NO_NOTIFY,
     ChainError,
+    ChainFault,
     ChainReader,
     ChainWriter,
     Descriptor,
+    DescriptorChain,
     Queue,
     QueueError,
     guest_views,
@@ -197,15 +199,17 @@ def test_chain_views_and_reader_writer(mem: GuestMemory) -> None:
     assert c.readable_len == 11 and c.writable_len == 8
     r = c.reader()
     assert r.read(3) == b"hel" and r.read(5) == b"lo wo" and r.remaining == 3
-    with pytest.raises(ChainError):
+    with pytest.raises(ChainError) as info:
         r.read(4)
+    assert info.value.fault is ChainFault.TOO_SHORT
     w = c.writer()
     w.write(b"ABCDEFG")
     assert w.remaining == 1
     (a1, _), (a2, _) = c.writable()
     assert mem.read(a1, 3) == b"ABC" and mem.read(a2, 5) == b"DEFG\0"
-    with pytest.raises(ChainError):
+    with pytest.raises(ChainError) as info:
         w.write(b"xy")
+    assert info.value.fault is ChainFault.TOO_SHORT
 
 
 def test_descriptor_iteration(mem: GuestMemory) -> None:
@@ -242,7 +246,10 @@ def test_direct_descriptors_then_indirect_table(mem: GuestMemory) -> None:
     assert c.readable() == [(a, 4), (b, 4)] and c.writable() == [(d, 4)]
 
 
-def _raw_chain(dq: DriverQueue, q: Queue, descs: list[tuple[int, int, int, int]]) -> ChainError:
+def _raw_chain(
+    dq: DriverQueue, q: Queue, descs: list[tuple[int, int, int, int]], fault: ChainFault
+) -> ChainError:
+    """Lay out `descs` from index 0, pop the chain and check it is refused for `fault`."""
     mem = dq.mem
     for i, d in enumerate(descs):
         dq.write_desc(i, *d)
@@ -252,18 +259,19 @@ def _raw_chain(dq: DriverQueue, q: Queue, descs: list[tuple[int, int, int, int]]
     with pytest.raises(ChainError) as info:
         c.readable_views()
         c.writable_views()
+    assert info.value.fault is fault, f"refused for {info.value.fault}, not {fault}: {info.value}"
     return info.value
 
 
 def test_loop_is_an_error(mem: GuestMemory) -> None:
     dq, q = make(mem)
-    err = _raw_chain(dq, q, [(0x20000, 4, N, 1), (0x20000, 4, N, 0)])
+    err = _raw_chain(dq, q, [(0x20000, 4, N, 1), (0x20000, 4, N, 0)], ChainFault.TOO_LONG)
     assert "loop" in str(err)
 
 
 def test_self_loop_is_an_error(mem: GuestMemory) -> None:
     dq, q = make(mem)
-    _raw_chain(dq, q, [(0x20000, 4, N, 0)])
+    _raw_chain(dq, q, [(0x20000, 4, N, 0)], ChainFault.TOO_LONG)
 
 
 def test_chain_as_long_as_the_queue_is_fine(mem: GuestMemory) -> None:
@@ -277,30 +285,32 @@ def test_chain_as_long_as_the_queue_is_fine(mem: GuestMemory) -> None:
 
 def test_next_out_of_range(mem: GuestMemory) -> None:
     dq, q = make(mem)
-    _raw_chain(dq, q, [(0x20000, 4, N, 16)])
+    _raw_chain(dq, q, [(0x20000, 4, N, 16)], ChainFault.NEXT_OUT_OF_RANGE)
 
 
 def test_readable_after_writable(mem: GuestMemory) -> None:
     dq, q = make(mem)
-    _raw_chain(dq, q, [(0x20000, 4, W | N, 1), (0x20010, 4, R, 0)])
+    _raw_chain(
+        dq, q, [(0x20000, 4, W | N, 1), (0x20010, 4, R, 0)], ChainFault.READABLE_AFTER_WRITABLE
+    )
 
 
 def test_address_overflow(mem: GuestMemory) -> None:
     dq, q = make(mem)
-    _raw_chain(dq, q, [((1 << 64) - 2, 4, R, 0)])
+    _raw_chain(dq, q, [((1 << 64) - 2, 4, R, 0)], ChainFault.ADDRESS_OVERFLOW)
 
 
 def test_chain_longer_than_4gib(mem: GuestMemory) -> None:
     dq, q = make(mem)
-    err = _raw_chain(dq, q, [(0, 0xFFFFFFFF, N, 1), (0, 2, 0, 0)])
+    err = _raw_chain(dq, q, [(0, 0xFFFFFFFF, N, 1), (0, 2, 0, 0)], ChainFault.TOO_MANY_BYTES)
     assert "2^32" in str(err)
 
 
 def test_buffer_outside_memory(mem: GuestMemory) -> None:
     dq, q = make(mem)
-    _raw_chain(dq, q, [(MEM_SIZE - 2, 4, R, 0)])
+    _raw_chain(dq, q, [(MEM_SIZE - 2, 4, R, 0)], ChainFault.BUFFER_OUT_OF_MEMORY)
     dq2, q2 = make(mem)
-    _raw_chain(dq2, q2, [(1 << 40, 1, W, 0)])
+    _raw_chain(dq2, q2, [(1 << 40, 1, W, 0)], ChainFault.BUFFER_OUT_OF_MEMORY)
 
 
 @pytest.mark.parametrize(
@@ -309,24 +319,27 @@ def test_buffer_outside_memory(mem: GuestMemory) -> None:
 )
 def test_bad_indirect_length(mem: GuestMemory, length: int) -> None:
     dq, q = make(mem)
-    _raw_chain(dq, q, [(0x20000, length, IND, 0)])
+    _raw_chain(dq, q, [(0x20000, length, IND, 0)], ChainFault.INDIRECT_BAD_LENGTH)
 
 
 def test_indirect_with_next(mem: GuestMemory) -> None:
     dq, q = make(mem)
     mem.write(0x20000, struct.pack("<QIHH", 0x30000, 4, 0, 0))
-    _raw_chain(dq, q, [(0x20000, 16, IND | N, 1), (0x30000, 4, 0, 0)])
+    _raw_chain(
+        dq, q, [(0x20000, 16, IND | N, 1), (0x30000, 4, 0, 0)], ChainFault.INDIRECT_WITH_NEXT
+    )
 
 
 def test_indirect_table_outside_memory(mem: GuestMemory) -> None:
     dq, q = make(mem)
-    _raw_chain(dq, q, [(MEM_SIZE - 16, 32, IND, 0)])
+    _raw_chain(dq, q, [(MEM_SIZE - 16, 32, IND, 0)], ChainFault.INDIRECT_OUT_OF_MEMORY)
 
 
 def test_nested_indirect(mem: GuestMemory) -> None:
     dq, q = make(mem)
-    mem.write(0x20000, struct.pack("<QIHH", 0x20000, 16, IND, 0))
-    _raw_chain(dq, q, [(0x20000, 16, IND, 0)])
+    mem.write(0x20100, struct.pack("<QIHH", 0x30000, 4, W, 0))
+    mem.write(0x20000, struct.pack("<QIHH", 0x20100, 16, IND, 0))  # a table naming a table
+    _raw_chain(dq, q, [(0x20000, 16, IND, 0)], ChainFault.NESTED_INDIRECT)
 
 
 def test_indirect_next_beyond_table(mem: GuestMemory) -> None:
@@ -335,7 +348,7 @@ def test_indirect_next_beyond_table(mem: GuestMemory) -> None:
     mem.write(
         0x20000, struct.pack("<QIHH", 0x30000, 4, N, 1) + struct.pack("<QIHH", 0x30010, 4, N, 2)
     )
-    _raw_chain(dq, q, [(0x20000, 32, IND, 0)])
+    _raw_chain(dq, q, [(0x20000, 32, IND, 0)], ChainFault.NEXT_OUT_OF_RANGE)
 
 
 def test_indirect_loop(mem: GuestMemory) -> None:
@@ -343,7 +356,47 @@ def test_indirect_loop(mem: GuestMemory) -> None:
     mem.write(
         0x20000, struct.pack("<QIHH", 0x30000, 4, N, 1) + struct.pack("<QIHH", 0x30010, 4, N, 0)
     )
-    _raw_chain(dq, q, [(0x20000, 32, IND, 0)])
+    _raw_chain(dq, q, [(0x20000, 32, IND, 0)], ChainFault.TOO_LONG)
+
+
+def test_indirect_table_as_long_as_the_queue_is_fine(mem: GuestMemory) -> None:
+    dq, q = make(mem, size=16)
+    entries = b"".join(
+        struct.pack("<QIHH", 0x30000 + i, 1, N if i < 15 else 0, i + 1) for i in range(16)
+    )
+    mem.write(0x20000, entries)
+    dq.write_desc(0, 0x20000, 16 * 16, IND)
+    dq.publish(0)
+    c = q.pop(mem)
+    assert c is not None and len(c) == 16 and c.cost == 16
+
+
+def test_indirect_table_longer_than_the_queue(mem: GuestMemory) -> None:
+    # 17 entries for a queue of 16 (virtio 1.2, 2.7.5.3.1): refused before the table is read,
+    # so a table declared megabytes long costs nothing.
+    dq, q = make(mem, size=16)
+    _raw_chain(dq, q, [(0x20000, 17 * 16, IND, 0)], ChainFault.INDIRECT_TOO_LARGE)
+    dq2, q2 = make(mem, size=16)
+    mem.write(0x20000, struct.pack("<QIHH", 0x30000, 4, N, 0))  # a self-loop at entry 0
+    _raw_chain(dq2, q2, [(0x20000, 16 << 20, IND, 0)], ChainFault.INDIRECT_TOO_LARGE)
+
+
+def test_direct_and_indirect_buffers_share_the_queue_size(mem: GuestMemory) -> None:
+    dq, q = make(mem, size=16)
+    entries = b"".join(
+        struct.pack("<QIHH", 0x30000 + i, 1, N if i < 15 else 0, i + 1) for i in range(16)
+    )
+    mem.write(0x20000, entries)
+    # One direct buffer + a full table: 17 buffers in a queue of 16.
+    _raw_chain(dq, q, [(0x40000, 1, N, 1), (0x20000, 16 * 16, IND, 0)], ChainFault.TOO_LONG)
+
+
+def test_head_index_past_the_queue(mem: GuestMemory) -> None:
+    dq, _ = make(mem, size=16)
+    c = DescriptorChain(mem, mem.view(dq.desc_table, 16 * 16), 16, 16)
+    with pytest.raises(ChainError) as info:
+        c.readable_views()
+    assert info.value.fault is ChainFault.HEAD_OUT_OF_RANGE
 
 
 def test_a_bad_chain_does_not_stop_the_queue(mem: GuestMemory) -> None:
@@ -353,8 +406,9 @@ def test_a_bad_chain_does_not_stop_the_queue(mem: GuestMemory) -> None:
     good = dq.add_chain([b"ok"])
     bad = q.pop(mem)
     assert bad is not None
-    with pytest.raises(ChainError):
+    with pytest.raises(ChainError) as info:
         bad.readable()
+    assert info.value.fault is ChainFault.TOO_LONG
     q.add_used(mem, bad.head_index, 0)
     c = q.pop(mem)
     assert c is not None and c.head_index == good.head and c.reader().read(2) == b"ok"
@@ -375,8 +429,9 @@ def test_guest_views_split_at_adjacent_regions() -> None:
         m.write(0x1000, b"cd")
         views = guest_views(m, 0xFFE, 4)
         assert [bytes(v) for v in views] == [b"ab", b"cd"]
-        with pytest.raises(ChainError):
+        with pytest.raises(ChainError) as info:
             guest_views(m, 0x1FFE, 4)  # runs into the hole at 0x2000
+        assert info.value.fault is ChainFault.BUFFER_OUT_OF_MEMORY
         assert guest_views(m, 0x3000, 0) == []
     finally:
         m.close()

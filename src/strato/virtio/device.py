@@ -5,6 +5,12 @@ configuration and notifications (one ioeventfd per queue, dispatched on the even
 device owns its configuration space and its data plane. The transport calls `activate()` once
 the driver sets DRIVER_OK, `process_queue()` when a queue is notified, and `reset()` when the
 driver writes status 0.
+
+Every device states a budget in its docstring and keeps it whatever the driver writes: the
+host memory one request may take (a constant: bounce and scratch buffers of fixed size, reused,
+looped over; never a copy sized by the guest's lengths) and the work one call of
+`process_queue()` or one event-loop callback may do (bounded by the queue size and a fixed
+number of bytes; what is left waits for a later loop turn). tests/budgets measures both.
 """
 
 from __future__ import annotations

@@ -6,7 +6,18 @@ addresses, `event_idx`); the device pulls descriptor chains with `pop()` and ret
 at most `size` entries ahead (else `QueueError`: the device must go NEEDS_RESET), and a chain
 that loops, points out of its table, nests indirect tables or puts a device-readable buffer
 after a device-writable one raises `ChainError` when the device looks at it (the device returns
-that chain unused and carries on).
+that chain unused and carries on). Every ChainError carries a `ChainFault` saying which rule
+the chain broke.
+
+Host cost per chain (the budget; guest input cannot raise it): a chain is at most `size`
+buffer descriptors wherever they sit (virtio 1.2, 2.7.5.3.1: no chain is longer than the queue
+size), so parsing visits at most `size` + 1 descriptors (the +1: one INDIRECT descriptor) and
+keeps at most `size` Descriptor tuples and `size` memoryviews (~260 bytes each: under 9 MiB for
+the largest queue, 32768; 66 KiB for 256). An indirect table longer than `size` entries is
+refused before it is mapped; a loop anywhere ends at the same count. Buffers are never copied:
+a chain naming 2^32 bytes of aliased guest memory costs what its descriptors cost. Parsing
+takes ~1-3 us per descriptor, so one chain holds the loop at most ~1 ms in a queue of 256 and
+~100 ms in one of 32768; a refused chain is parsed once (its error is kept).
 
 Memory ordering: strato runs on x86_64 (TSO), where loads are not reordered with loads and
 stores not with stores, so reading the avail idx before the ring entries (acquire) and writing
@@ -18,6 +29,7 @@ fence.
 
 from __future__ import annotations
 
+import enum
 import struct
 import threading
 from collections.abc import Iterator
@@ -63,8 +75,34 @@ class QueueError(VirtqueueError):
     """
 
 
+class ChainFault(enum.Enum):
+    """Which rule a refused chain broke (`ChainError.fault`): tests check the exact one."""
+
+    HEAD_OUT_OF_RANGE = "head index >= queue size"
+    NEXT_OUT_OF_RANGE = "next index >= table size"
+    TOO_LONG = "more buffer descriptors than the queue size (or a loop)"
+    NESTED_INDIRECT = "INDIRECT inside an indirect table"
+    INDIRECT_WITH_NEXT = "INDIRECT and NEXT on one descriptor"
+    INDIRECT_BAD_LENGTH = "indirect table length 0 or not a multiple of 16"
+    INDIRECT_TOO_LARGE = "indirect table longer than the queue size"
+    INDIRECT_OUT_OF_MEMORY = "indirect table not in guest memory"
+    ADDRESS_OVERFLOW = "buffer address + length overflows 64 bits"
+    TOO_MANY_BYTES = "chain longer than 2^32 bytes"
+    READABLE_AFTER_WRITABLE = "device-readable buffer after a device-writable one"
+    BUFFER_OUT_OF_MEMORY = "buffer not in guest memory"
+    TOO_SHORT = "chain shorter than the request needs"
+    DEVICE = "refused by the device (its own framing rules)"
+
+
 class ChainError(VirtqueueError):
-    """One descriptor chain is malformed; the device returns it unused and carries on."""
+    """One descriptor chain is malformed; the device returns it unused and carries on.
+
+    `fault` says which rule it broke; a device's own refusals default to ChainFault.DEVICE.
+    """
+
+    def __init__(self, message: str, fault: ChainFault = ChainFault.DEVICE) -> None:
+        super().__init__(message)
+        self.fault = fault
 
 
 class Descriptor(NamedTuple):
@@ -94,7 +132,9 @@ def guest_views(mem: GuestMemory, addr: int, length: int) -> list[memoryview]:
             addr += n
             if addr == end:
                 return views
-    raise ChainError(f"buffer [{addr:#x}, {end:#x}) is not in guest memory")
+    raise ChainError(
+        f"buffer [{addr:#x}, {end:#x}) is not in guest memory", ChainFault.BUFFER_OUT_OF_MEMORY
+    )
 
 
 def _spans(mem: GuestMemory) -> tuple[tuple[int, int, memoryview], ...]:
@@ -126,7 +166,9 @@ class _Cursor:
     def take(self, n: int) -> list[memoryview]:
         """The next n bytes as views (zero-copy, for preadv/pwritev); ChainError if short."""
         if n > self.remaining:
-            raise ChainError(f"chain too short: need {n} bytes, {self.remaining} left")
+            raise ChainError(
+                f"chain too short: need {n} bytes, {self.remaining} left", ChainFault.TOO_SHORT
+            )
         out: list[memoryview] = []
         views = self._views
         while n:
@@ -177,6 +219,7 @@ class DescriptorChain:
 
     __slots__ = (
         "_desc",
+        "_error",
         "_parsed",
         "_readable",
         "_size",
@@ -200,6 +243,7 @@ class DescriptorChain:
         self.head_index = head
         self._spans = spans  # mem's regions as (start, end, view), when the caller has them
         self._parsed: list[Descriptor] | None = None
+        self._error: ChainError | None = None  # why parsing failed: asked again, not redone
         self._readable: list[memoryview] | None = None
         self._writable: list[memoryview] | None = None
 
@@ -207,15 +251,29 @@ class DescriptorChain:
     @property
     def descriptors(self) -> list[Descriptor]:
         if self._parsed is None:
-            self._parsed = self._parse()
+            self._parsed = self._parse_once()
         return self._parsed
+
+    def _parse_once(self) -> list[Descriptor]:
+        """`_parse`, but a refused chain is parsed only once (its error is kept)."""
+        if self._error is not None:
+            raise self._error
+        try:
+            return self._parse()
+        except ChainError as e:
+            self._error = e
+            raise
 
     def _parse(self) -> list[Descriptor]:
         table = self._desc
         count = self._size
         index = self.head_index
         if index >= count:
-            raise ChainError(f"head index {index} >= queue size {count}")
+            raise ChainError(
+                f"head index {index} >= queue size {count}", ChainFault.HEAD_OUT_OF_RANGE
+            )
+        # One budget for the whole chain, indirect table included: at most `size` buffer
+        # descriptors (a loop, in either table, runs into it too).
         ttl = count
         indirect = False
         seen_write = False
@@ -228,34 +286,58 @@ class DescriptorChain:
         views: list[memoryview] | None
         while True:
             if ttl == 0:
-                raise ChainError("descriptor chain longer than its table (a loop?)")
+                raise ChainError(
+                    f"chain has more than {self._size} descriptors (a loop?)", ChainFault.TOO_LONG
+                )
             ttl -= 1
             addr, length, flags, nxt = unpack(table, index * DESC_SIZE)
             if flags & VIRTQ_DESC_F_INDIRECT:
                 if indirect:
-                    raise ChainError("indirect descriptor inside an indirect table")
+                    raise ChainError(
+                        "indirect descriptor inside an indirect table", ChainFault.NESTED_INDIRECT
+                    )
                 if flags & VIRTQ_DESC_F_NEXT:
-                    raise ChainError("descriptor has both INDIRECT and NEXT")
+                    raise ChainError(
+                        "descriptor has both INDIRECT and NEXT", ChainFault.INDIRECT_WITH_NEXT
+                    )
                 if length == 0 or length % DESC_SIZE:
-                    raise ChainError(f"indirect table length {length} not a multiple of 16")
+                    raise ChainError(
+                        f"indirect table length {length} not a multiple of 16",
+                        ChainFault.INDIRECT_BAD_LENGTH,
+                    )
+                if length > self._size * DESC_SIZE:
+                    raise ChainError(
+                        f"indirect table of {length // DESC_SIZE} entries > queue size "
+                        f"{self._size}",
+                        ChainFault.INDIRECT_TOO_LARGE,
+                    )
                 try:
                     table = self.mem.view(addr, length)
                 except GuestMemoryError as e:
-                    raise ChainError(f"indirect table not in guest memory: {e}") from None
+                    raise ChainError(
+                        f"indirect table not in guest memory: {e}",
+                        ChainFault.INDIRECT_OUT_OF_MEMORY,
+                    ) from None
                 indirect = True
-                count = ttl = length // DESC_SIZE
+                count = length // DESC_SIZE
+                ttl += 1  # the INDIRECT descriptor is not a buffer
                 index = 0
                 continue
             if addr + length > _U64_LIMIT:
-                raise ChainError(f"buffer {addr:#x}+{length:#x} overflows")
+                raise ChainError(
+                    f"buffer {addr:#x}+{length:#x} overflows", ChainFault.ADDRESS_OVERFLOW
+                )
             total += length
             if total > _CHAIN_BYTES_LIMIT:
-                raise ChainError("chain longer than 2^32 bytes")
+                raise ChainError("chain longer than 2^32 bytes", ChainFault.TOO_MANY_BYTES)
             if flags & VIRTQ_DESC_F_WRITE:
                 seen_write = True
                 views = writable
             elif seen_write:
-                raise ChainError("device-readable descriptor after a device-writable one")
+                raise ChainError(
+                    "device-readable descriptor after a device-writable one",
+                    ChainFault.READABLE_AFTER_WRITABLE,
+                )
             else:
                 views = readable
             out.append(_tuple_new(Descriptor, (addr, length, flags)))
@@ -275,11 +357,20 @@ class DescriptorChain:
                     self._readable, self._writable = readable, writable
                 return out
             if nxt >= count:
-                raise ChainError(f"next index {nxt} >= table size {count}")
+                raise ChainError(
+                    f"next index {nxt} >= table size {count}", ChainFault.NEXT_OUT_OF_RANGE
+                )
             index = nxt
 
     def __iter__(self) -> Iterator[Descriptor]:
         return iter(self.descriptors)
+
+    @property
+    def cost(self) -> int:
+        """Descriptors this chain made the device look at, for a per-turn work budget: its
+        length once parsed, else (refused, or never looked at) the most it could be."""
+        parsed = self._parsed
+        return len(parsed) if parsed is not None else self._size
 
     def __len__(self) -> int:
         return len(self.descriptors)
@@ -305,7 +396,7 @@ class DescriptorChain:
         """Views of the readable buffers (empty ones left out); ChainError if outside memory."""
         if self._readable is None:
             if self._parsed is None:
-                self._parsed = self._parse()
+                self._parsed = self._parse_once()
             if self._readable is None:
                 self._split_views()
         assert self._readable is not None
@@ -315,7 +406,7 @@ class DescriptorChain:
         """Views of the writable buffers (empty ones left out); ChainError if outside memory."""
         if self._writable is None:
             if self._parsed is None:
-                self._parsed = self._parse()
+                self._parsed = self._parse_once()
             if self._writable is None:
                 self._split_views()
         assert self._writable is not None

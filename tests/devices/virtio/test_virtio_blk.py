@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from strato.devices.backends.raw import RawFile
+from strato.devices.backends.raw import BOUNCE_SIZE, RawFile
+from strato.devices.virtio.base import IOV_MAX, TURN_BYTES
 from strato.devices.virtio.block import (
     VIRTIO_BLK_F_DISCARD,
     VIRTIO_BLK_F_FLUSH,
@@ -33,6 +34,7 @@ from strato.events import EventLoop
 from strato.memory import GuestMemory
 from strato.virtio.device import VIRTIO_F_RING_EVENT_IDX, VIRTIO_F_VERSION_1
 from strato.virtio.testing import DriverChain, DriverQueue, VirtioDriver
+from tests.budgets.harness import AllocationPeak
 
 MiB = 1 << 20
 DISK_SECTORS = 2048  # 1 MiB
@@ -562,3 +564,135 @@ def test_direct_io_aligned_and_bounced(mem: GuestMemory, loop: EventLoop, tmp_pa
     assert content[40 * 512 : 40 * 512 + 1024] == b"O" * 1024
     assert mem.read(odd + 2000, 1024) == b"O" * 1024
     dev.disk.close()
+
+
+# -- host cost per request (issue 10) --------------------------------------------------------------
+def test_discard_payload_is_checked_before_it_is_copied(
+    mem: GuestMemory, loop: EventLoop, image: Path
+) -> None:
+    """200 MiB of segment list, aliased over one 1 MiB buffer: IOERR by its size alone."""
+    _, drv = start(mem, loop, image)
+    dq = drv[0]
+    alias = dq.alloc(MiB)
+    before = digest(image)
+    for rtype in (VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_WRITE_ZEROES):
+        c = dq.add_chain([struct.pack("<IIQ", rtype, 0, 0), *[(alias, MiB)] * 200], [1])
+        with AllocationPeak() as alloc:
+            assert run(drv) == [(c.head, 1)]
+        assert status(mem, c) == VIRTIO_BLK_S_IOERR
+        assert alloc.peak < MiB  # was: the whole 200 MiB joined into one bytes object
+    assert digest(image) == before
+
+
+def _big_rig(tmp_path: Path, mem_size: int = 24 * MiB) -> tuple[GuestMemory, Path, bytes]:
+    m = GuestMemory.anonymous([(0, mem_size)])
+    p = tmp_path / "big.raw"
+    content = os.urandom(12 * MiB)
+    p.write_bytes(content)
+    return m, p, content
+
+
+def test_large_read_is_moved_a_piece_per_loop_turn(loop: EventLoop, tmp_path: Path) -> None:
+    m, p, content = _big_rig(tmp_path)
+    try:
+        dev, drv = start(m, loop, p)
+        dq = drv[0]
+        size = 2 * TURN_BYTES + 512  # three pieces
+        r = request(dq, VIRTIO_BLK_T_IN, 8, read_len=[size])
+        drv.kick(0)  # the first piece
+        assert dq.get_used() == [] and drv.interrupt.used == []
+        assert loop.run_once(0) == 1  # the second
+        assert dq.get_used() == []
+        assert loop.run_once(0) == 1  # the last: the request is returned
+        assert dq.get_used() == [(r.head, size + 1)]
+        assert drv.interrupt.used == [0]
+        assert status(m, r) == VIRTIO_BLK_S_OK
+        assert m.read(r.writable[0][0], size) == content[8 * 512 : 8 * 512 + size]
+        assert dev.counters()["read_bytes"] == size and dev.counters()["read_ops"] == 1
+        while loop.run_once(0):  # the queue behind it is served next (empty here)
+            pass
+        w = request(dq, VIRTIO_BLK_T_OUT, 0, [b"\x5a" * 512])  # the queue goes on
+        assert run(drv) == [(w.head, 1)]
+    finally:
+        m.close()
+
+
+def test_large_write_in_flight_is_finished_by_a_snapshot(loop: EventLoop, tmp_path: Path) -> None:
+    m, p, _ = _big_rig(tmp_path)
+    try:
+        dev, drv = start(m, loop, p)
+        dq = drv[0]
+        data = os.urandom(TURN_BYTES + 4096)
+        w = request(dq, VIRTIO_BLK_T_OUT, 16, [data])
+        drv.kick(0)
+        assert dq.get_used() == []
+        state = dev.state()  # the VM is paused: the transfer completes now
+        assert dq.get_used() == [(w.head, 1)] and status(m, w) == VIRTIO_BLK_S_OK
+        assert state["counters"]["write_bytes"] == len(data)
+        assert p.read_bytes()[16 * 512 : 16 * 512 + len(data)] == data
+    finally:
+        m.close()
+
+
+def test_reset_drops_a_transfer_in_flight(loop: EventLoop, tmp_path: Path) -> None:
+    m, p, _ = _big_rig(tmp_path)
+    try:
+        dev, drv = start(m, loop, p)
+        request(drv[0], VIRTIO_BLK_T_IN, 0, read_len=[TURN_BYTES * 2])
+        drv.kick(0)
+        dev.reset()
+        assert loop.run_once(0) == 0  # nothing left on the loop
+        assert drv[0].get_used() == []
+    finally:
+        m.close()
+
+
+def test_more_buffers_than_iov_max(loop: EventLoop, tmp_path: Path) -> None:
+    """A read and a write of 1025 buffers: preadv/pwritev take at most IOV_MAX at a time."""
+    m, p, content = _big_rig(tmp_path, 4 * MiB)
+    try:
+        _, drv = start(m, loop, p, queue_size=2048)
+        dq = drv[0]
+        n = IOV_MAX + 1
+        r = request(dq, VIRTIO_BLK_T_IN, 0, read_len=[512] * n, indirect=True)
+        assert run(drv) == [(r.head, 512 * n + 1)] and status(m, r) == VIRTIO_BLK_S_OK
+        assert b"".join(m.read(a, k) for a, k in r.writable[:-1]) == content[: 512 * n]
+        dq.reset_buffers()
+        blocks = [os.urandom(512) for _ in range(n)]
+        w = request(dq, VIRTIO_BLK_T_OUT, 0, blocks, indirect=True)
+        assert run(drv) == [(w.head, 1)] and status(m, w) == VIRTIO_BLK_S_OK
+        assert p.read_bytes()[: 512 * n] == b"".join(blocks)
+    finally:
+        m.close()
+
+
+def test_direct_bounce_buffer_is_fixed_and_looped(tmp_path: Path) -> None:
+    """Unaligned O_DIRECT transfers larger than BOUNCE_SIZE: correct bytes, one small bounce."""
+    p = tmp_path / "direct-big.raw"
+    content = os.urandom(4 * BOUNCE_SIZE)
+    p.write_bytes(content)
+    try:
+        disk = RawFile(str(p), direct=True)
+    except OSError as e:
+        pytest.skip(f"O_DIRECT not supported here: {e}")
+    with disk:
+        backing = bytearray(3 * BOUNCE_SIZE + 64)
+        views = [
+            memoryview(backing)[1 : 1 + BOUNCE_SIZE + 7],
+            memoryview(backing)[BOUNCE_SIZE + 9 :],
+        ]
+        want = sum(map(len, views))
+        assert disk.preadv(views, 100) == want  # unaligned offset and buffers
+        assert b"".join(bytes(v) for v in views) == content[100 : 100 + want]
+        assert len(disk._bounce or b"") == BOUNCE_SIZE
+        data = os.urandom(2 * BOUNCE_SIZE + 512)
+        src = bytearray(len(data) + 1)
+        src[1:] = data
+        parts = [memoryview(src)[1:1000], memoryview(src)[1000:]]  # unaligned, odd split
+        assert disk.pwritev(parts, 512) == len(data)
+        assert len(disk._bounce or b"") == BOUNCE_SIZE
+        # Past the end of the file: what is there, no more.
+        tail = memoryview(bytearray(4096 + 3))[3:]
+        assert disk.preadv([tail], len(content) - 1000) == 1000
+    assert p.read_bytes()[512 : 512 + len(data)] == data
+    assert bytes(tail[:1000]) == content[-1000:]

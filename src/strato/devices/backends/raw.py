@@ -4,6 +4,12 @@ I/O goes straight between the file and the caller's buffers with preadv/pwritev 
 are memoryviews of guest memory), looping over short transfers. With `direct=True` the file is
 opened O_DIRECT; buffers the kernel cannot take directly (not aligned to `alignment` in address
 or length) go through an aligned bounce buffer instead.
+
+Budget per call, whatever the caller's buffers look like: at most one BOUNCE_SIZE bounce
+buffer (allocated on first unaligned O_DIRECT transfer, reused, looped over for larger
+transfers) and one _ZERO_CHUNK zero buffer (write_zeroes without fallocate support); no copy of
+the caller's data otherwise. Each preadv/pwritev system call takes at most IOV_MAX buffers, so a
+list longer than the kernel's limit is transferred in pieces rather than refused.
 """
 
 from __future__ import annotations
@@ -26,6 +32,8 @@ _fallocate.restype = ctypes.c_int
 
 Buffers = Sequence[memoryview]
 _ZERO_CHUNK = 1 << 20
+BOUNCE_SIZE = 1 << 20  # bytes: the O_DIRECT bounce buffer, a multiple of any sane alignment
+IOV_MAX = 1024  # buffers per preadv/pwritev (UIO_MAXIOV)
 
 
 class DiskError(OSError):
@@ -98,13 +106,13 @@ class RawFile:
         views = [v for v in buffers if len(v)]
         if self.direct and not self._direct_ok(views, offset):
             return self._bounce_read(views, offset)
-        n = os.preadv(self.fd, views, offset) if views else 0
-        if n == 0 or n == sum(map(len, views)):
+        n = os.preadv(self.fd, views[:IOV_MAX], offset) if views else 0
+        if n == 0 or (len(views) <= IOV_MAX and n == sum(map(len, views))):
             return n
-        total = n  # short read: go on from where it stopped
+        total = n  # short read, or more than IOV_MAX buffers: go on from where it stopped
         views = _advance(views, n)
         while views:
-            n = os.preadv(self.fd, views, offset + total)
+            n = os.preadv(self.fd, views[:IOV_MAX], offset + total)
             if n == 0:
                 break
             total += n
@@ -119,7 +127,7 @@ class RawFile:
         total = 0
         want = sum(map(len, views))
         while views:
-            n = os.pwritev(self.fd, views, offset + total)
+            n = os.pwritev(self.fd, views[:IOV_MAX], offset + total)
             if n == 0:
                 raise OSError(errno.EIO, f"disk {self.path}: write made no progress")
             total += n
@@ -173,39 +181,51 @@ class RawFile:
                 return False
         return True
 
-    def _bounce_buffer(self, size: int) -> mmap.mmap:
-        if self._bounce is None or len(self._bounce) < size:
-            if self._bounce is not None:
-                self._bounce.close()
-            # mmap memory is page aligned, as O_DIRECT wants.
-            self._bounce = mmap.mmap(-1, max(size, mmap.PAGESIZE))
-        return self._bounce
+    def _bounce_buffer(self) -> memoryview:
+        """The bounce buffer: BOUNCE_SIZE bytes (or one alignment unit if that is larger),
+        page aligned as O_DIRECT wants, made once and kept."""
+        if self._bounce is None:
+            self._bounce = mmap.mmap(-1, max(BOUNCE_SIZE, self.alignment, mmap.PAGESIZE))
+        return memoryview(self._bounce)
 
     def _bounce_read(self, views: list[memoryview], offset: int) -> int:
-        # Read whole aligned blocks around the request, then copy the part asked for.
+        # Read whole aligned blocks around the request, a bounce buffer at a time, and copy
+        # the part asked for into the caller's buffers.
         a = self.alignment
         want = sum(len(v) for v in views)
-        start = offset - offset % a
-        end = -(-(offset + want) // a) * a
-        buf = memoryview(self._bounce_buffer(end - start))[: end - start]
+        buf = self._bounce_buffer()
+        chunk = len(buf) - len(buf) % a
+        vi = voff = 0  # where the next byte goes: views[vi][voff]
+        done = 0  # bytes of the request delivered
         try:
-            got = 0
-            while got < len(buf):
-                n = os.preadv(self.fd, [buf[got:]], start + got)
-                if n == 0:
-                    break
-                got += n
-            avail = max(0, min(want, got - (offset - start)))
-            pos = offset - start
-            left = avail
-            for v in views:
-                k = min(len(v), left)
-                v[:k] = buf[pos : pos + k]
-                pos += k
-                left -= k
-                if not left:
-                    break
-            return avail
+            while done < want:
+                pos = offset + done
+                start = pos - pos % a
+                end = min(start + chunk, -(-(offset + want) // a) * a)
+                got = 0
+                while got < end - start:
+                    n = os.preadv(self.fd, [buf[got : end - start]], start + got)
+                    if n == 0:
+                        break
+                    got += n
+                left = min(want - done, got - (pos - start))
+                if left <= 0:
+                    break  # end of file
+                src = pos - start
+                done += left
+                while left:
+                    v = views[vi]
+                    k = min(len(v) - voff, left)
+                    v[voff : voff + k] = buf[src : src + k]
+                    src += k
+                    left -= k
+                    voff += k
+                    if voff == len(v):
+                        vi += 1
+                        voff = 0
+                if got < end - start:
+                    break  # end of file inside this block
+            return done
         finally:
             buf.release()
 
@@ -215,18 +235,30 @@ class RawFile:
         if offset % a or want % a:
             # Read-modify-write would race with other writers; the guest sends whole sectors.
             raise OSError(errno.EINVAL, f"disk {self.path}: unaligned O_DIRECT write")
-        buf = memoryview(self._bounce_buffer(want))[:want]
+        buf = self._bounce_buffer()
+        chunk = len(buf) - len(buf) % a
+        vi = voff = 0  # the next byte to write: views[vi][voff]
+        done = 0
         try:
-            pos = 0
-            for v in views:
-                buf[pos : pos + len(v)] = v
-                pos += len(v)
-            done = 0
             while done < want:
-                n = os.pwritev(self.fd, [buf[done:]], offset + done)
-                if n == 0:
-                    raise OSError(errno.EIO, f"disk {self.path}: write made no progress")
-                done += n
+                size = min(chunk, want - done)
+                pos = 0
+                while pos < size:
+                    v = views[vi]
+                    k = min(len(v) - voff, size - pos)
+                    buf[pos : pos + k] = v[voff : voff + k]
+                    pos += k
+                    voff += k
+                    if voff == len(v):
+                        vi += 1
+                        voff = 0
+                put = 0
+                while put < size:
+                    n = os.pwritev(self.fd, [buf[put:size]], offset + done + put)
+                    if n == 0:
+                        raise OSError(errno.EIO, f"disk {self.path}: write made no progress")
+                    put += n
+                done += size
             return want
         finally:
             buf.release()

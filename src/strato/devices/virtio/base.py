@@ -5,14 +5,25 @@ walks queue i (usually through `_drain`). The base class is the device boundary 
 input: a malformed chain is returned unused and logged (rate-limited); a corrupt queue, or any
 unexpected error, stops that queue and raises DEVICE_NEEDS_RESET through the transport. Nothing
 escapes `process_queue()` or an event-loop callback, so the VMM keeps running.
+
+Work per loop turn (the budget every device inherits through `_drain`): one pass serves at most
+`size` chains and stops once the chains it served reach TURN_DESCRIPTORS descriptors (a refused
+chain counts as `size`) or TURN_BYTES data bytes (as counted by the device), so a turn parses at
+most TURN_DESCRIPTORS + `size` descriptors however fast the driver refills the ring. What is
+left is resumed on the next loop turn through the device's own eventfd, after every other ready
+fd had its turn. Per chain the virtqueue bounds
+memory to `size` descriptors and views (see strato.virtio.queue); each device states what it
+adds per request in its own docstring.
 """
 
 from __future__ import annotations
 
 import logging
+import select
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
+from strato._sys.eventfd import EventFd
 from strato._sys.ratelog import RateLimitedLog
 from strato.virtio.device import (
     VIRTIO_F_RING_EVENT_IDX,
@@ -30,6 +41,25 @@ log = logging.getLogger("strato.devices.virtio")
 
 # Most buffers one readv/writev/preadv takes (UIO_MAXIOV); a chain may have more.
 IOV_MAX = 1024
+
+# Descriptors one `_drain` pass may serve before it yields the loop (see the module docstring):
+# a few ms of parsing; a well-formed ring of 256 three-descriptor requests fits in one pass.
+TURN_DESCRIPTORS = 8192
+# Data bytes one pass may move (devices that move data count it in `_turn_bytes`); a device
+# moving more for one request splits it into pieces of at most this, one per turn.
+TURN_BYTES = 4 << 20
+
+
+class NotReady(Exception):
+    """Raised by a chain handler that cannot serve the chain yet (e.g. no entropy): the chain
+    stays in the queue and the device resumes the queue itself when it can."""
+
+
+class InProgress(Exception):
+    """Raised by a chain handler that keeps the chain to finish it over later turns (a large
+    transfer): `_drain` stops and resumes the queue on the next turn; the device returns the
+    chain itself when done."""
+
 
 COMMON_FEATURES = (
     (1 << VIRTIO_F_VERSION_1) | (1 << VIRTIO_F_RING_EVENT_IDX) | (1 << VIRTIO_F_RING_INDIRECT_DESC)
@@ -56,6 +86,9 @@ class VirtioDeviceBase:
         self.stats: dict[str, int] = {}
         self._fds: list[int] = []
         self._log = RateLimitedLog(log)
+        self._resume: EventFd | None = None  # wakes the loop for queues left over budget
+        self._resume_queues: set[int] = set()
+        self._turn_bytes = 0  # data bytes moved in the current `_drain` pass
 
     # -- features and config ---------------------------------------------------------------
     @property
@@ -111,6 +144,11 @@ class VirtioDeviceBase:
         for q in queues:
             q.event_idx = event_idx
         self.active = True
+        if self._resume is not None:  # activated again without a reset: replace it
+            self._unregister(self._resume.fd)
+            self._resume.close()
+        self._resume = EventFd()
+        self._register(self._resume.fd, self._on_resume, select.EPOLLIN)
         self._on_activate()
 
     def _on_activate(self) -> None:
@@ -123,7 +161,22 @@ class VirtioDeviceBase:
             if self.loop is not None:
                 self.loop.unregister(fd)
         self._fds.clear()
+        if self._resume is not None:
+            self._resume.close()
+            self._resume = None
+        self._resume_queues.clear()
         self.active = False
+
+    def close(self) -> None:
+        """Release what the device holds for the VM's life (teardown; the loop may be stopped).
+
+        Subclasses that hold more (timers, fds) extend this and call it.
+        """
+        if self._resume is not None:
+            if self.loop is not None:
+                self.loop.unregister(self._resume.fd)
+            self._resume.close()
+            self._resume = None
 
     def reset(self) -> None:
         self._stop()
@@ -197,31 +250,77 @@ class VirtioDeviceBase:
             if self.interrupt is not None:
                 self.interrupt.set_needs_reset()
 
-    def _drain(self, queue_index: int, handle: Callable[[DescriptorChain], int]) -> int:
-        """Process every available chain of a queue; `handle` returns bytes written.
+    def _drain(
+        self,
+        queue_index: int,
+        handle: Callable[[DescriptorChain], int],
+        admit: Callable[[DescriptorChain], bool] | None = None,
+    ) -> int:
+        """Serve the available chains of a queue, within one turn's budget; `handle` returns
+        the bytes written to the guest, or raises NotReady to leave the chain queued, or
+        InProgress when it keeps the chain to finish on later turns.
 
-        Uses the disable / pop-all / re-enable dance so a buffer the driver adds while we work is
-        never missed, then raises the queue's interrupt if the driver wants one.
+        `admit` (a rate limiter) may refuse a chain for now: it stays in the queue and the
+        caller resumes the queue later. Uses the disable / pop-all / re-enable dance so a
+        buffer the driver adds while we work is never missed; past the budget the queue is
+        resumed on the next loop turn instead. Raises the queue's interrupt if the driver
+        wants one.
         """
         q = self.queues[queue_index]
         mem = self.mem
         assert mem is not None
         done = 0
-        while True:
+        budget = TURN_DESCRIPTORS
+        max_chains = q.size
+        self._turn_bytes = 0
+        stop = False
+        while not stop:
             q.disable_notification(mem)
             while (chain := q.pop(mem)) is not None:
+                if budget <= 0 or done >= max_chains or self._turn_bytes >= TURN_BYTES:
+                    q.undo_pop()  # over this turn's budget: the next turn serves it
+                    self._resume_later(queue_index)
+                    stop = True
+                    break
+                if admit is not None and not admit(chain):
+                    q.undo_pop()  # it waits where it is; the caller resumes the queue
+                    stop = True
+                    break
                 try:
                     written = handle(chain)
+                except NotReady:
+                    q.undo_pop()
+                    stop = True
+                    break
+                except InProgress:
+                    self._resume_later(queue_index)
+                    stop = True
+                    break
                 except ChainError as e:
                     self._log.warning("%s: queue %d: bad chain: %s", self.name, queue_index, e)
                     written = 0
                 q.add_used(mem, chain.head_index, written)
                 done += 1
-            if not q.enable_notification(mem):
+                budget -= chain.cost
+            if not stop and not q.enable_notification(mem):
                 break
         if done:
             self._notify(queue_index)
         return done
+
+    def _resume_later(self, queue_index: int) -> None:
+        """Serve the rest of this queue on the loop's next turn."""
+        self._resume_queues.add(queue_index)
+        if self._resume is not None:
+            self._resume.write(1)
+
+    def _on_resume(self, mask: int) -> None:
+        assert self._resume is not None
+        self._resume.read()
+        queues = sorted(self._resume_queues)
+        self._resume_queues.clear()
+        for i in queues:
+            self.process_queue(i)
 
     def _notify(self, queue_index: int) -> None:
         mem = self.mem

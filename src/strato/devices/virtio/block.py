@@ -10,6 +10,21 @@ no place for a status byte is returned unused.
 With a rate limiter (strato.devices.rate_limiter, Cloud Hypervisor's semantics) every request
 takes one op and read/write requests their data bytes; a request the limiter does not admit
 stays in its queue until the limiter's timer fires. It waits; it is never failed or dropped.
+
+Budget per request, whatever the guest's descriptors look like (issue 10):
+- host memory: the chain's descriptors and views (at most `queue_size` of each, see
+  strato.virtio.queue), a 16-byte header, a discard/write-zeroes segment list of at most
+  max_seg * 16 bytes (its size is checked before it is copied), and on an O_DIRECT disk with
+  unaligned buffers one BOUNCE_SIZE (1 MiB) bounce buffer, made once per disk and looped over.
+  Data otherwise moves straight between the image and guest memory: a request naming 2^32
+  bytes of aliased guest memory costs no more host memory than one naming 4 KiB.
+- loop time: a read or write of more than TURN_BYTES (4 MiB) is moved a TURN_BYTES piece per
+  loop turn (the chain stays with the device meanwhile; a snapshot finishes it, a reset drops
+  it), and a `_drain` pass stops after TURN_BYTES of data or TURN_DESCRIPTORS descriptors, so
+  one turn moves at most 2 * TURN_BYTES and parses at most TURN_DESCRIPTORS + `queue_size`
+  descriptors, plus one fdatasync for a FLUSH and the fallocate calls of at most max_seg
+  discard/write-zeroes segments (their zero-writing fallback: _ZERO_CHUNK at a time, but all
+  of a segment in one turn).
 """
 
 from __future__ import annotations
@@ -20,7 +35,7 @@ from typing import Any
 
 from strato.devices.backends.raw import RawFile
 from strato.devices.rate_limiter import RateLimiter, TokenType
-from strato.devices.virtio.base import VirtioDeviceBase
+from strato.devices.virtio.base import TURN_BYTES, InProgress, VirtioDeviceBase
 from strato.virtio.device import TYPE_BLOCK
 from strato.virtio.queue import (
     VIRTQ_DESC_F_WRITE,
@@ -65,6 +80,26 @@ _HEADER = struct.Struct("<IIQ")  # type, reserved (ioprio), sector
 _SEGMENT = struct.Struct("<QII")  # sector, num_sectors, flags
 # virtio_blk_config up to write_zeroes_may_unmap (60 bytes with padding)
 _CONFIG = struct.Struct("<QII4sI8sBBHIIIIIB3x")
+
+
+class _Transfer:
+    """A read or write of more than TURN_BYTES, done a piece (TURN_BYTES) per loop turn."""
+
+    __slots__ = ("chain", "cursor", "done", "offset", "read", "status")
+
+    def __init__(self, chain: DescriptorChain, views: list[memoryview], offset: int, read: bool):
+        self.chain = chain
+        self.cursor = ChainWriter(views)  # a cursor over the data buffers, either direction
+        self.offset = offset
+        self.read = read
+        self.done = 0
+        self.status: memoryview | None = None  # the request's status byte
+
+
+class _Deferred(Exception):
+    def __init__(self, transfer: _Transfer) -> None:
+        super().__init__("transfer continues on the next turns")
+        self.transfer = transfer
 
 
 class _RequestError(Exception):
@@ -141,6 +176,8 @@ class Block(VirtioDeviceBase):
         if self.write_zeroes:
             features |= 1 << VIRTIO_BLK_F_WRITE_ZEROES
         super().__init__([queue_size] * num_queues, features)
+        self._inflight: dict[int, _Transfer] = {}  # queue index -> its large transfer
+        self._queue_index = 0  # the queue `_drain` is serving (for `_handle`)
         self.stats = {
             "read_bytes": 0,
             "write_bytes": 0,
@@ -172,10 +209,46 @@ class Block(VirtioDeviceBase):
         )
 
     def _process(self, queue_index: int) -> None:
+        transfer = self._inflight.get(queue_index)
+        if transfer is not None:
+            # One piece per turn; once the transfer is done the queue is served next turn.
+            self._continue(queue_index, transfer)
+            self._resume_later(queue_index)
+            return
+        self._queue_index = queue_index
         if self.rate_limiter is None:
             self._drain(queue_index, self._handle)
         else:
-            self._drain_limited(queue_index, self.rate_limiter)
+            self._drain(queue_index, self._handle, self._admit)
+
+    def _continue(self, queue_index: int, t: _Transfer) -> None:
+        """Move the next piece of a large transfer; return its chain once it is complete."""
+        status = VIRTIO_BLK_S_OK
+        try:
+            views = t.cursor.take(min(TURN_BYTES, t.cursor.remaining))
+            want = sum(map(len, views))
+            if t.read:
+                n = self.disk.preadv(views, t.offset + t.done)
+                if n != want:
+                    raise _RequestError(VIRTIO_BLK_S_IOERR, f"short read at {t.offset + t.done}")
+            else:
+                n = self.disk.pwritev(views, t.offset + t.done)
+            t.done += n
+            if t.cursor.remaining:
+                return
+            kind = "read" if t.read else "write"
+            self.stats[f"{kind}_bytes"] += t.done
+            self.stats[f"{kind}_ops"] += 1
+        except (_RequestError, OSError) as e:
+            self._log.warning("%s: I/O error on %s: %s", self.name, self.disk.path, e)
+            self.stats["errors"] += 1
+            status = VIRTIO_BLK_S_IOERR
+        del self._inflight[queue_index]
+        assert t.status is not None and self.mem is not None
+        t.status[0] = status
+        written = (t.done if t.read and status == VIRTIO_BLK_S_OK else 0) + 1
+        self.queues[queue_index].add_used(self.mem, t.chain.head_index, written)
+        self._notify(queue_index)
 
     # -- rate limiting (Cloud Hypervisor's virtio-blk: one op per request, data bytes) ------
     def _on_activate(self) -> None:
@@ -184,6 +257,7 @@ class Block(VirtioDeviceBase):
             self._register(fd, self._on_rate_limiter_timer, select.EPOLLIN)
 
     def _on_reset(self) -> None:
+        self._inflight.clear()  # the driver reset the device: nobody waits for these
         if self.rate_limiter is not None:
             self.rate_limiter.unblock()
 
@@ -193,8 +267,10 @@ class Block(VirtioDeviceBase):
         for i in range(len(self.queues)):
             self.process_queue(i)
 
-    def _admit(self, chain: DescriptorChain, rl: RateLimiter) -> bool:
+    def _admit(self, chain: DescriptorChain) -> bool:
         """Take the request's tokens, or False to leave it in the queue for later."""
+        rl = self.rate_limiter
+        assert rl is not None
         if rl.blocked:
             return False
         try:
@@ -211,34 +287,9 @@ class Block(VirtioDeviceBase):
                 return False
         return True
 
-    def _drain_limited(self, queue_index: int, rl: RateLimiter) -> None:
-        """`_drain`, stopping at the first request the limiter does not admit."""
-        q = self.queues[queue_index]
-        mem = self.mem
-        assert mem is not None
-        done = 0
-        while True:
-            q.disable_notification(mem)
-            throttled = False
-            while (chain := q.pop(mem)) is not None:
-                if not self._admit(chain, rl):
-                    q.undo_pop()  # it waits where it is; the limiter's timer resumes us
-                    throttled = True
-                    break
-                try:
-                    written = self._handle(chain)
-                except ChainError as e:
-                    self._log.warning("%s: queue %d: bad chain: %s", self.name, queue_index, e)
-                    written = 0
-                q.add_used(mem, chain.head_index, written)
-                done += 1
-            if throttled or not q.enable_notification(mem):
-                break
-        if done:
-            self._notify(queue_index)
-
     def close(self) -> None:
         """Release the rate limiter's timer (the disk is closed by its owner)."""
+        super().close()
         if self.rate_limiter is not None:
             self.rate_limiter.close()
 
@@ -268,6 +319,11 @@ class Block(VirtioDeviceBase):
         try:
             written = self._execute(chain)
             status = VIRTIO_BLK_S_OK
+        except _Deferred as d:
+            d.transfer.status = status_byte
+            self._inflight[self._queue_index] = d.transfer
+            self._continue(self._queue_index, d.transfer)  # the first piece, this turn
+            raise InProgress from None
         except _RequestError as e:
             self._log.warning("%s: request failed: %s", self.name, e)
             self.stats["errors"] += 1
@@ -326,6 +382,9 @@ class Block(VirtioDeviceBase):
             if data_out:
                 raise _RequestError(VIRTIO_BLK_S_IOERR, "read request with device-readable data")
             offset = self._check_range(sector, data_in)
+            if data_in > TURN_BYTES:
+                raise _Deferred(_Transfer(chain, wdata, offset, read=True))
+            self._turn_bytes += data_in
             n = self.disk.preadv(wdata, offset)
             if n != data_in:
                 raise _RequestError(VIRTIO_BLK_S_IOERR, f"short read at sector {sector}")
@@ -337,6 +396,9 @@ class Block(VirtioDeviceBase):
                 raise _RequestError(VIRTIO_BLK_S_IOERR, "write request with device-writable data")
             offset = self._check_range(sector, data_out)
             self._check_writable()
+            if data_out > TURN_BYTES:
+                raise _Deferred(_Transfer(chain, rdata, offset, read=False))
+            self._turn_bytes += data_out
             n = self.disk.pwritev(rdata, offset)
             self.stats["write_bytes"] += n
             self.stats["write_ops"] += 1
@@ -353,9 +415,9 @@ class Block(VirtioDeviceBase):
             ChainWriter(wdata).write(ident)
             return len(ident)
         if rtype == VIRTIO_BLK_T_DISCARD and self.has_feature(VIRTIO_BLK_F_DISCARD):
-            return self._discard_or_zero(b"".join(rdata), data_in, discard=True)
+            return self._discard_or_zero(rdata, data_out, data_in, discard=True)
         if rtype == VIRTIO_BLK_T_WRITE_ZEROES and self.has_feature(VIRTIO_BLK_F_WRITE_ZEROES):
-            return self._discard_or_zero(b"".join(rdata), data_in, discard=False)
+            return self._discard_or_zero(rdata, data_out, data_in, discard=False)
         if rtype in (VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_WRITE_ZEROES) and self.readonly:
             raise _RequestError(VIRTIO_BLK_S_IOERR, "discard/write-zeroes on a read-only disk")
         raise _RequestError(VIRTIO_BLK_S_UNSUPP, f"unsupported request type {rtype}")
@@ -375,17 +437,21 @@ class Block(VirtioDeviceBase):
         if self.readonly:
             raise _RequestError(VIRTIO_BLK_S_IOERR, "write to a read-only disk")
 
-    def _discard_or_zero(self, payload: bytes, data_in: int, *, discard: bool) -> int:
+    def _discard_or_zero(
+        self, rdata: list[memoryview], data_out: int, data_in: int, *, discard: bool
+    ) -> int:
         if data_in:
             raise _RequestError(VIRTIO_BLK_S_IOERR, "discard/write-zeroes with writable data")
         self._check_writable()
-        if not payload or len(payload) % _SEGMENT.size:
-            raise _RequestError(VIRTIO_BLK_S_IOERR, f"segment list of {len(payload)} bytes")
-        count = len(payload) // _SEGMENT.size
+        if not data_out or data_out % _SEGMENT.size:
+            raise _RequestError(VIRTIO_BLK_S_IOERR, f"segment list of {data_out} bytes")
+        count = data_out // _SEGMENT.size
         max_seg = self.max_discard_seg if discard else self.max_write_zeroes_seg
         max_sectors = self.max_discard_sectors if discard else self.max_write_zeroes_sectors
         if count > max_seg:
             raise _RequestError(VIRTIO_BLK_S_IOERR, f"{count} segments > {max_seg}")
+        # Copied only now that its size is known to be small (max_seg * 16 bytes).
+        payload = b"".join(rdata)
         segments = [_SEGMENT.unpack_from(payload, i * _SEGMENT.size) for i in range(count)]
         # Check every segment before changing anything.
         for sector, sectors, flags in segments:
@@ -408,6 +474,10 @@ class Block(VirtioDeviceBase):
 
     # -- snapshots ----------------------------------------------------------------------------
     def state(self) -> dict[str, Any]:
+        # A snapshot has no place for a half-done transfer: finish it (the VM is paused).
+        for qi, t in list(self._inflight.items()):
+            while qi in self._inflight:
+                self._continue(qi, t)
         s = super().state()
         s["capacity"] = self.capacity
         if self.rate_limiter is not None:
