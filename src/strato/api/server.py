@@ -16,6 +16,7 @@ import logging
 import os
 import selectors
 import socket
+import stat
 import threading
 import time
 from collections.abc import Callable
@@ -23,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from strato._sys.eventfd import EventFd
+from strato._sys.files import open_private
 from strato.api import http
 from strato.api.handlers import ApiHandler, Reply
 from strato.api.routes import ROUTES, Body, Endpoint
@@ -122,6 +124,7 @@ class ApiServer:
         self.path = path
         self._listener = listener
         self._lock_fd = lock_fd
+        self._ident = _identity(path) if path is not None else None  # the socket we bound
         self._listener.setblocking(False)
         self._sel = selectors.DefaultSelector()
         self._wake = EventFd()
@@ -159,7 +162,13 @@ class ApiServer:
                 self._wake.write(1)
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout + 1.0)
-        if self.path is not None:
+        if (
+            self.path is not None
+            and self._ident is not None
+            and _identity(self.path) == self._ident
+        ):
+            # Ours still (not something put there since): remove it. Under landlock this
+            # fails (no right to remove in the directory); the next start removes it as stale.
             try:
                 os.unlink(self.path)
             except OSError:
@@ -549,15 +558,110 @@ class ApiServer:
                     self._wake.read()
 
 
+def _identity(path: Path) -> tuple[int, int] | None:
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino) if stat.S_ISSOCK(st.st_mode) else None
+
+
 def _lock_socket_path(path: Path) -> int:
-    """Cloud Hypervisor's PATH.lock: one VMM per socket path, stale sockets removed."""
-    fd = os.open(f"{path}.lock", os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    """Cloud Hypervisor's PATH.lock: one VMM per socket path. Opened without following a
+    symlink and created 0600; it must be a regular file."""
+    lock = f"{path}.lock"
+    try:
+        fd = open_private(lock, os.O_WRONLY)
+    except OSError as e:
+        raise ConfigError(f"--api-socket path={path}: {lock}: {e.strerror}") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise ConfigError(f"--api-socket path={path}: {lock}: not a regular file")
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
         raise ConfigError(f"--api-socket path={path}: in use by another VMM") from None
     return fd
+
+
+def _remove_stale_socket(path: Path) -> None:
+    """What is at `path` may go only if it is a socket nobody serves (a VMM that died left it).
+    Anything else (a regular file, a directory, a symlink, a live socket) is refused, untouched."""
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(mode):
+        what = "a symbolic link" if stat.S_ISLNK(mode) else "a directory"
+        if not stat.S_ISLNK(mode) and not stat.S_ISDIR(mode):
+            what = "a regular file" if stat.S_ISREG(mode) else "not a socket"
+        raise ConfigError(
+            f"--api-socket path={path}: the path exists and is {what}; strato replaces only a "
+            "stale socket (remove it, or choose another path)"
+        )
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        probe.settimeout(1.0)
+        probe.connect(str(path))
+    except ConnectionRefusedError:
+        pass  # nobody listens: stale
+    except OSError as e:
+        raise ConfigError(f"--api-socket path={path}: {e.strerror or e}") from None
+    else:
+        raise ConfigError(f"--api-socket path={path}: a live socket another process serves")
+    finally:
+        probe.close()
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+_umask_lock = threading.Lock()
+
+
+def bind_private(path: Path, backlog: int) -> socket.socket:
+    """A listening unix socket at `path` created with mode 0600 whatever the umask: bind runs
+    under umask 0177, so the socket file never exists with a wider mode (a chmod after bind
+    would leave a window). The umask is process-wide: other threads creating a file during the
+    bind get a narrower mode for that moment, never a wider one. bind() itself fails with
+    EADDRINUSE if anything appeared at `path` since the check: nothing is ever replaced."""
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        with _umask_lock:
+            old = os.umask(0o177)
+            try:
+                listener.bind(str(path))
+            finally:
+                os.umask(old)
+        listener.listen(backlog)
+    except OSError as e:
+        listener.close()
+        raise ConfigError(f"--api-socket path={path}: {e.strerror or e}") from None
+    return listener
+
+
+def listen_at(path: Path, backlog: int = Limits.backlog) -> tuple[socket.socket, int]:
+    """Take PATH.lock, remove a stale socket, bind a 0600 socket: (listener, lock fd)."""
+    lock_fd = _lock_socket_path(path)
+    try:
+        _remove_stale_socket(path)
+        return bind_private(path, backlog), lock_fd
+    except BaseException:
+        os.close(lock_fd)
+        raise
+
+
+# Sockets bound ahead of `serve_api` (see `prebind`), by path.
+_prebound: dict[Path, tuple[socket.socket, int]] = {}
+
+
+def prebind(path: Path, backlog: int = Limits.backlog) -> None:
+    """Bind `path` (and take its lock) now, for the `serve_api` call that comes later: with
+    `--landlock` the socket is bound before strato confines itself, so no right on the
+    socket's directory (to create or remove a socket there) is ever granted."""
+    _prebound[path] = listen_at(path, backlog)
 
 
 def serve_api(
@@ -578,22 +682,8 @@ def serve_api(
         server = ApiServer(listener, ApiHandler(controller), limits)
     else:
         path = Path(where)
-        lock_fd = _lock_socket_path(path)
-        try:
-            try:
-                path.unlink()
-            except FileNotFoundError:
-                pass
-            listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            try:
-                listener.bind(str(path))
-                listener.listen((limits or Limits()).backlog)
-            except OSError as e:
-                listener.close()
-                raise ConfigError(f"--api-socket path={path}: {e.strerror}") from None
-        except BaseException:
-            os.close(lock_fd)
-            raise
+        bound = _prebound.pop(path, None)
+        listener, lock_fd = bound or listen_at(path, (limits or Limits()).backlog)
         server = ApiServer(listener, ApiHandler(controller), limits, path=path, lock_fd=lock_fd)
     server.on_thread_start = on_thread_start
     server.start()

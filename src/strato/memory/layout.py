@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 MiB = 1 << 20
@@ -49,3 +50,59 @@ def ram_ranges(size: int, layout: X86Layout = LAYOUT) -> list[tuple[int, int]]:
     if size <= layout.mmio32_start:
         return [(0, size)]
     return [(0, layout.mmio32_start), (layout.mmio32_end, size - layout.mmio32_start)]
+
+
+# The top of the guest physical address space a VMM may use, for a host with `bits` physical
+# address bits: less 64 KiB, as Cloud Hypervisor (mmio_address_space_size) and Linux want it.
+def address_space_end(bits: int) -> int:
+    return (1 << bits) - (1 << 16)
+
+
+def ram_end(size: int, layout: X86Layout = LAYOUT) -> int:
+    """The first guest physical address above `size` bytes of RAM."""
+    start, length = ram_ranges(size, layout)[-1]
+    return start + length
+
+
+def max_ram_size(layout: X86Layout = LAYOUT) -> int:
+    """The most RAM that ends at or below the 64-bit PCI window (1 TiB - 1 GiB here)."""
+    return layout.mmio64_start - (layout.mmio32_end - layout.mmio32_start)
+
+
+@functools.cache
+def host_phys_bits() -> int | None:
+    """The host CPU's physical address bits (/proc/cpuinfo "address sizes"), None if unknown.
+    Cached: read once, before landlock would hide /proc."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("address sizes"):
+                    return int(line.split(":", 1)[1].split()[0])
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def ram_size_error(size: int, phys_bits: int | None, layout: X86Layout = LAYOUT) -> str | None:
+    """Why `size` bytes of RAM cannot be placed, or None. Guest RAM must end at or below the
+    64-bit PCI window (else the guest reads RAM where a BAR is) and inside the guest physical
+    address space (the host's physical address bits, which the guest's CPUID reports).
+    Cloud Hypervisor fails the same cases with MemoryRangeAllocation ("Failed to allocate a
+    memory range"): it reserves the RAM ranges in an address space of 2^phys_bits - 64 KiB."""
+    if size <= 0:
+        return "memory size must be positive"
+    end = ram_end(size, layout)
+    limit = max_ram_size(layout)
+    if size > limit:
+        return (
+            f"Failed to allocate a memory range: guest RAM would end at {end:#x}, past the "
+            f"64-bit PCI window at {layout.mmio64_start:#x}; at most {limit} bytes "
+            f"({limit >> 30} GiB) fit"
+        )
+    if phys_bits is not None and end > address_space_end(phys_bits):
+        most = size - (end - address_space_end(phys_bits))
+        return (
+            f"Failed to allocate a memory range: guest RAM would end at {end:#x}, past the "
+            f"host's {phys_bits}-bit physical address space; at most {most} bytes fit"
+        )
+    return None

@@ -26,7 +26,7 @@ from strato.devices.legacy.serial_output import (
     TtySink,
 )
 from strato.memory.layout import LAYOUT
-from strato.vmm import cpu_setup, seccomp
+from strato.vmm import cpu_setup, landlock, seccomp
 from strato.vmm.config import ConfigError, ConsoleMode, VmConfig
 from strato.vmm.device_manager import DeviceManager
 from strato.vmm.machine import Machine
@@ -189,6 +189,10 @@ class VmBuilder:
         self._out: SerialOutput | None = None
 
     def __call__(self, config: VmConfig, *, times: BootTimes | None = None) -> Vm:
+        # Before anything is opened: under landlock a path outside the rules is refused by
+        # name (a vm.create over the API may name any path).
+        config.validate()
+        landlock.enforce(config)
         if self._given is None and config is not self._config:
             self.close()
             self._out = serial_output(config)

@@ -8,6 +8,8 @@ import enum
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from strato.memory.layout import host_phys_bits, ram_size_error
+
 
 class ConfigError(ValueError):
     """A configuration that cannot be built, with a message naming the option and value."""
@@ -134,6 +136,9 @@ class VmConfig:
             raise ConfigError(f"--memory size={self.memory.size}: at least 16M is needed")
         if self.memory.size % 4096:
             raise ConfigError(f"--memory size={self.memory.size}: must be a multiple of 4 KiB")
+        too_big = ram_size_error(self.memory.size, host_phys_bits())
+        if too_big is not None:
+            raise ConfigError(f"--memory size={self.memory.size}: {too_big}")
         for c, name in ((self.serial, "serial"), (self.console, "console")):
             if c.mode is ConsoleMode.FILE and c.file is None:
                 raise ConfigError(f"--{name} file=: a path is required")

@@ -30,6 +30,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Protocol
 
+from strato._sys.files import open_private
 from strato.vmm.config import ConfigError
 
 log = logging.getLogger(__name__)
@@ -87,7 +88,7 @@ class EventMonitor:
     @classmethod
     def open(cls, path: str | os.PathLike[str]) -> EventMonitor:
         """Create or truncate `path` (as Cloud Hypervisor does) and write events to it."""
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        fd = open_private(path, os.O_WRONLY, truncate=True)
         return cls(fd)
 
     @classmethod

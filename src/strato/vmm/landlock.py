@@ -1,18 +1,33 @@
-"""Landlock (`--landlock`, `--landlock-rules path=...,access=r|w|rw`), as Cloud Hypervisor has it.
+"""Landlock: strato confines its own file access to the paths its configuration names.
 
-With `--landlock` strato restricts its own file access, before it builds the VM, to the paths
-its configuration names (kernel, initramfs, firmware, disks, serial and console files, the rng
-source, /dev/kvm, /dev/net/tun with a network, the terminal it was started on) plus the
-`--landlock-rules` paths. A later open of any other path fails with EACCES
-(PermissionError). Files already open (stdin/stdout/stderr, the log file) stay usable.
+When it applies (Cloud Hypervisor has landlock opt-in everywhere):
 
-strato is Python: it also keeps read access to the interpreter's own code (the standard
+- Command line, no `--api-socket`: on by default where the kernel has Landlock, since every
+  path is known at start; `--landlock off` turns it off; `--landlock` (or `--landlock on`)
+  makes a kernel without Landlock an error instead of a silent skip.
+- `--api-socket`: opt-in with `--landlock`, as in Cloud Hypervisor, because the paths of a VM
+  that `vm.create` brings later are not known at start: they must be among the paths strato
+  starts with (a VM given on the command line, `--landlock-rules`). A `vm.create` naming
+  another path is refused at vm.boot with a LandlockError naming it. The API socket is bound
+  and its lock taken before strato confines itself, so no right on the socket's directory is
+  granted: strato can neither create, remove nor replace a socket there (another VM's
+  included); its own socket file stays behind at exit and the next start removes it as stale.
+  The `--event-monitor` file is created before too, and is the one more path granted.
+
+Either way `apply` runs on the main thread before any other thread exists, so every thread
+strato ever has (vCPUs, event loop, HTTP server, event monitor) is confined.
+
+The paths: kernel, initramfs, firmware, disks, serial and console files, the rng source,
+/dev/kvm, /dev/net/tun with a network, the terminal it was started on, and the
+`--landlock-rules` paths. A later open of any other path fails with EACCES (PermissionError).
+Files already open (stdin/stdout/stderr, the log file, the API socket, the event monitor) stay
+usable. strato is Python: it also keeps read access to the interpreter's own code (the standard
 library, site-packages and strato's package), which it may still import lazily. Nothing else.
 
-Landlock restricts the calling thread and the threads it creates afterwards, so `apply` runs on
-the main thread before any other thread exists. The rights come from the kernel's ABI: every
-file system right the running kernel knows is handled (so none is left open by accident), and
-on ABI 6+ abstract unix sockets and signals are scoped to strato too.
+Landlock restricts the calling thread and the threads it creates afterwards. The rights come
+from the kernel's ABI: every file system right the running kernel knows is handled (so none is
+left open by accident), and on ABI 6+ abstract unix sockets and signals are scoped to strato
+too.
 
 The binding is a small ctypes layer over the three system calls (landlock_create_ruleset 444,
 landlock_add_rule 445, landlock_restrict_self 446 on x86_64): PyPI's `landlock` package is an
@@ -33,6 +48,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from strato._sys.files import open_private
+from strato.memory.layout import host_phys_bits
 from strato.vmm.config import ConfigError, ConsoleMode, LandlockRuleConfig, VmConfig
 
 log = logging.getLogger(__name__)
@@ -228,8 +245,11 @@ def python_paths() -> list[Path]:
     return [p for p in found if not any(q != p and p.is_relative_to(q) for q in found)]
 
 
-def rules_for_config(config: VmConfig, extra: Iterable[Rule] = ()) -> list[Rule]:
-    """The paths `config` makes strato use, with their rights (Cloud Hypervisor's list)."""
+def rules_for_config(
+    config: VmConfig, extra: Iterable[Rule] = (), *, code: bool = True
+) -> list[Rule]:
+    """The paths `config` makes strato use, with their rights (Cloud Hypervisor's list), and
+    (with `code`) the interpreter's code."""
     r: list[Rule] = [Rule(Path("/dev/kvm"), READ | WRITE, "KVM")]
     p = config.payload
     for what, path in (("kernel", p.kernel), ("initramfs", p.initramfs), ("firmware", p.firmware)):
@@ -250,19 +270,21 @@ def rules_for_config(config: VmConfig, extra: Iterable[Rule] = ()) -> list[Rule]
         r.append(Rule(Path("/dev/net/tun"), READ | WRITE, "tap devices"))
     for rule in config.landlock_rules:
         r.append(Rule(Path(rule.path), parse_access(rule.access), "--landlock-rules"))
-    r.extend(Rule(path, CODE, "Python code") for path in python_paths())
+    if code:
+        r.extend(Rule(path, CODE, "Python code") for path in python_paths())
     r.extend(extra)
     return r
 
 
 def _create_outputs(config: VmConfig) -> None:
-    # A rule needs an existing path: create the serial and console files now, as strato would.
-    for c in (config.serial, config.console):
-        if c.mode is ConsoleMode.FILE and c.file is not None and not Path(c.file).exists():
+    # A rule needs an existing path: create the serial and console files now, as strato would
+    # (without following a symlink, mode 0600: strato._sys.files).
+    for name, c in (("serial", config.serial), ("console", config.console)):
+        if c.mode is ConsoleMode.FILE and c.file is not None:
             try:
-                os.close(os.open(c.file, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644))
+                os.close(open_private(c.file))
             except OSError as e:
-                raise ConfigError(f"{c.file}: {e.strerror}") from None
+                raise ConfigError(f"--{name} file={c.file}: {e.strerror}") from None
 
 
 def restrict_self(rules: Iterable[Rule]) -> int:
@@ -330,36 +352,80 @@ def _add_rule(ruleset: int, rule: Rule, handled: int) -> None:
 
 
 def output_rule(path: Path, why: str) -> Rule:
-    """Read-write access to a file strato creates later (created now: a rule needs a path)."""
+    """Read-write access to a file strato creates later (created now, without following a
+    symlink and with mode 0600: a rule needs a path)."""
     try:
-        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600))
+        os.close(open_private(path))
     except OSError as e:
         raise ConfigError(f"{why} {path}: {e.strerror}") from None
     return Rule(path, READ | WRITE, why)
 
 
-def api_socket_rules(path: Path) -> list[Rule]:
-    """The REST API's socket: created (and a stale one removed) in its directory, with its
-    PATH.lock file beside it."""
-    directory = path.parent if str(path.parent) else Path(".")
-    return [
-        Rule(directory, MAKE_SOCK | REMOVE_FILE, "--api-socket directory"),
-        output_rule(Path(f"{path}.lock"), "--api-socket lock file"),
-    ]
+def available() -> bool:
+    """Whether this kernel has Landlock (enabled)."""
+    try:
+        return abi_version() >= 1
+    except LandlockError:
+        return False
+
+
+# The rules this process confined itself with (apply runs once, before any other thread).
+_confined: list[Rule] | None = None
+
+
+def confined_rules() -> list[Rule] | None:
+    """The rules strato confined itself with, or None."""
+    return _confined
 
 
 def apply(config: VmConfig, extra: Iterable[Rule] = ()) -> list[Rule]:
     """Restrict strato to the paths of `config` (and `extra`) on the calling thread, which must
     be the main thread before any other strato thread starts. Returns the rules applied."""
     _create_outputs(config)
+    host_phys_bits()  # cached from /proc now: landlock hides /proc from later config checks
     rules = rules_for_config(config, extra)
     abi = restrict_self(rules)
+    global _confined
+    _confined = rules
     log.info(
         "landlock (ABI %d): file access restricted to %s",
         abi,
         ", ".join(f"{r.path} ({r.why})" for r in rules if r.why != "Python code"),
     )
     return rules
+
+
+def enforce(config: VmConfig) -> None:
+    """Called before a VM is built from `config` (VmBuilder), before anything is opened: under
+    landlock, a path of `config` outside the rules is refused by name (a clear error at
+    vm.boot rather than a bare EACCES from somewhere in the build)."""
+    if _confined is not None:
+        check_config(config, _confined)
+
+
+def _real(path: Path) -> Path:
+    return Path(os.path.realpath(path))
+
+
+def _covers(rule: Rule, path: Path, need: int) -> bool:
+    if rule.access & need != need:
+        return False
+    target, base = _real(path), _real(rule.path)
+    return target == base or (base.is_dir() and target.is_relative_to(base))
+
+
+def check_config(config: VmConfig, rules: Iterable[Rule]) -> None:
+    """LandlockError naming the first path of `config` that `rules` do not grant."""
+    given = [r for r in rules if r.why != "Python code"]
+    for want in rules_for_config(config, code=False):
+        need = want.access & (READ_FILE | WRITE_FILE)
+        if not any(_covers(r, want.path, need) for r in given):
+            access = "rw" if need & WRITE_FILE else "r"
+            raise LandlockError(
+                f"--landlock: {want.why} {want.path}: Permission denied: outside the paths "
+                "strato was started with (landlock); start it with --landlock-rules "
+                f"path={want.path},access={access} to allow it"
+            )
 
 
 __all__ = [
@@ -370,8 +436,11 @@ __all__ = [
     "LandlockError",
     "Rule",
     "abi_version",
-    "api_socket_rules",
     "apply",
+    "available",
+    "check_config",
+    "confined_rules",
+    "enforce",
     "output_rule",
     "parse_access",
     "parse_rule",

@@ -21,6 +21,8 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable
 from typing import BinaryIO
 
+from strato._sys.files import open_private
+
 log = logging.getLogger(__name__)
 
 # Bytes a background sink holds while its destination catches up. A console line is ~100 bytes;
@@ -202,7 +204,9 @@ class FileSink(FdSink):
     ) -> None:
         flags = os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | (os.O_APPEND if append else os.O_TRUNC)
         self.path = os.fspath(path)
-        super().__init__(os.open(self.path, flags, 0o644), own=True, capacity=capacity)
+        super().__init__(
+            open_private(self.path, flags, truncate=not append), own=True, capacity=capacity
+        )
 
 
 class TtySink(FdSink):
