@@ -11,8 +11,9 @@ landlock and the main thread's filter are wired as users get them; only one piec
 - `open PATH...`: instead of booting, the main thread (after landlock and its filter) opens each
   PATH and prints "PROBE open PATH ok" or "PROBE open PATH <errno name>"; exit 0.
 - `fork`: instead of booting, the main thread starts a thread (allowed), then forks (not).
-- `api SOCKET`: the REST API under the `api` filter on its HTTP thread, the main filter on the
-  rest (as `strato --api-socket` will run once the server has a thread-start hook).
+- `api` / `api-socket` (with `--api-socket ...` among the flags): `strato --api-socket` as
+  users run it; its HTTP thread says which filters it runs under ("PROBE api filters=...");
+  with `api-socket` it then creates an AF_INET socket (forbidden there).
 """
 
 from __future__ import annotations
@@ -91,45 +92,34 @@ def _fork() -> None:
     _say("forked")
 
 
-def _api(sock_path: str) -> int:
-    from strato.api.handlers import ApiHandler
-    from strato.api.server import ApiServer
-    from strato.vmm.controller import VmmController
+def _misbehave_in_api(forbidden: bool) -> None:
+    """The HTTP thread says which filters it runs under; with `forbidden` it then creates an
+    AF_INET socket (as a compromised API thread would)."""
+    original = seccomp.thread_hook
 
-    mode = os.environ.get("PROBE_SECCOMP", "true")
-    seccomp.install("main", mode)
-    controller = VmmController()
-    controller.start()
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    listener.bind(sock_path)
-    listener.listen(16)
-    server = ApiServer(listener, ApiHandler(controller))
-    hook = seccomp.thread_hook("api", mode)
+    def thread_hook(kind: str, mode: str) -> Callable[[], None] | None:
+        inner = original(kind, mode)
+        if kind != "api":
+            return inner
 
-    def serve() -> None:
-        if hook is not None:
-            hook()
-        _say(f"api filters={seccomp.installed_kinds()}")
-        server._serve()  # the server's thread body (ApiServer has no thread-start hook yet)
+        def hook() -> None:
+            if inner is not None:
+                inner()
+            _say(f"api filters={seccomp.installed_kinds()}")
+            if forbidden:
+                socket.socket(socket.AF_INET, socket.SOCK_STREAM).close()
+                _say("survived")
 
-    thread = threading.Thread(target=serve, name="http-server", daemon=True)
-    server._thread = thread
-    thread.start()
-    try:
-        while not controller.wait(0.2):
-            pass
-    finally:
-        server.close()
-        controller.close()
-    os.unlink(sock_path)
-    return controller.exit_status
+        return hook
+
+    seccomp.thread_hook = thread_hook  # type: ignore[assignment]
 
 
 def main() -> int:
     scenario, args = sys.argv[1], sys.argv[2:]
-    if scenario == "api":
-        return _api(args[0])
-    if scenario in ("vcpu-socket", "events-socket"):
+    if scenario in ("api", "api-socket"):
+        _misbehave_in_api(forbidden=scenario == "api-socket")
+    elif scenario in ("vcpu-socket", "events-socket"):
         _misbehave_in(scenario.split("-")[0])
     elif scenario == "open":
         split = args.index("--")

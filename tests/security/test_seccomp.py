@@ -14,7 +14,9 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -164,7 +166,7 @@ def test_log_mode_lets_the_forbidden_call_through_and_the_guest_finishes(
     assert "PROBE vcpu filters=('vcpu',)" in r.stderr
     assert "PROBE survived" in r.stderr
     assert "seccomp" not in r.stderr.replace("PROBE", "")
-    assert re.search(r"^DONE pass=\d+ fail=0$", r.stdout, re.M), r.stdout[-2000:]
+    assert re.search(r"^DONE pass=\d+ fail=0\b", r.stdout, re.M), r.stdout[-2000:]
     assert r.returncode == 0, r.stderr
 
 
@@ -213,7 +215,7 @@ def test_the_builtin_guest_passes_every_device_check_with_seccomp_on(
     r = run([sys.executable, "-m", "strato.cli.main", *guest_flags(guest_elf, workdir)])
     assert r.returncode == 0, r.stderr
     assert "seccomp" not in r.stderr
-    assert re.search(r"^DONE pass=\d+ fail=0$", r.stdout, re.M), r.stdout[-3000:]
+    assert re.search(r"^DONE pass=\d+ fail=0\b", r.stdout, re.M), r.stdout[-3000:]
     for line in ("TEST blk-rw PASS", "TEST rng PASS", "TEST console-tx PASS", "TEST smp PASS"):
         assert line in r.stdout
 
@@ -248,12 +250,7 @@ def test_the_filters_are_in_place_while_the_guest_runs(guest_elf: Path, workdir:
 
 
 # -- the API thread ------------------------------------------------------------------------------
-@needs_kvm
-@pytest.mark.kvm
-def test_the_api_thread_serves_a_whole_vm_life_under_its_filter(
-    guest_elf: Path, workdir: Path
-) -> None:
-    from strato.api.client import ApiClient, ApiError
+def _api_config(guest_elf: Path, workdir: Path) -> Any:
     from strato.vmm.config import (
         ConsoleConfig,
         ConsoleMode,
@@ -264,17 +261,9 @@ def test_the_api_thread_serves_a_whole_vm_life_under_its_filter(
         VmConfig,
     )
 
-    sock = workdir / "api.sock"
     disk = workdir / "disk.raw"
     disk.write_bytes(bytes(1 << 20))
-    proc = subprocess.Popen(
-        [sys.executable, str(PROBE), "api", str(sock)],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    config = VmConfig(
+    return VmConfig(
         payload=PayloadConfig(kernel=guest_elf, cmdline="tests=serial,pci,blk,rng,irq"),
         memory=MemoryConfig(size=256 << 20),
         disks=(DiskConfig(path=disk),),
@@ -283,15 +272,45 @@ def test_the_api_thread_serves_a_whole_vm_life_under_its_filter(
         console=ConsoleConfig(ConsoleMode.FILE, workdir / "console.log"),
         no_reboot=True,
     )
+
+
+def _start_api(scenario: str, sock: Path, *flags: str) -> subprocess.Popen[str]:
+    proc = subprocess.Popen(
+        [sys.executable, str(PROBE), scenario, "--api-socket", f"path={sock}", *flags],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 20
+    while not sock.exists() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.02)  # polling for the socket file
+    return proc
+
+
+def _wait_for_done(serial: Path) -> None:
+    deadline = time.monotonic() + 30
+    while "DONE pass=" not in serial.read_text() and time.monotonic() < deadline:
+        time.sleep(0.05)  # polling the guest's serial output
+
+
+@needs_kvm
+@pytest.mark.kvm
+def test_the_api_thread_serves_a_whole_vm_life_under_its_filter(
+    guest_elf: Path, workdir: Path
+) -> None:
+    """`strato --api-socket` as users run it (main filter on the process, api on the HTTP
+    thread): create, boot, info, counters, garbage on a second connection, shutdown."""
+    from strato.api.client import ApiClient, ApiError
+
+    sock = workdir / "api.sock"
+    proc = _start_api("api", sock)
     try:
-        deadline = time.monotonic() + 20
-        while not sock.exists() and time.monotonic() < deadline and proc.poll() is None:
-            time.sleep(0.02)  # polling for the socket file
         with ApiClient(sock, timeout=20) as api:
             assert api.ping()["version"]
             with pytest.raises(ApiError):
                 api.info()  # 404: nothing created yet
-            api.create(config)
+            api.create(_api_config(guest_elf, workdir))
             api.boot()
             assert api.info()["state"] in ("Running", "Shutdown")
             api.counters()
@@ -301,10 +320,7 @@ def test_the_api_thread_serves_a_whole_vm_life_under_its_filter(
                 raw.sendall(b"NONSENSE / HTTP/9\r\n\r\n")
                 raw.settimeout(10)
                 assert raw.recv(100).startswith(b"HTTP/1.1 ")
-            serial = workdir / "serial.log"
-            deadline = time.monotonic() + 30
-            while "DONE pass=" not in serial.read_text() and time.monotonic() < deadline:
-                time.sleep(0.05)  # polling the guest's serial output
+            _wait_for_done(workdir / "serial.log")
             api.ping()
             api.shutdown_vmm()  # the API has no --no-reboot: the guest would boot again
         _, err = proc.communicate(timeout=30)
@@ -315,9 +331,87 @@ def test_the_api_thread_serves_a_whole_vm_life_under_its_filter(
     assert "PROBE api filters=('api',)" in err
     assert "seccomp" not in err.replace("PROBE", ""), err
     assert proc.returncode == 0, err
-    assert re.search(r"^DONE pass=\d+ fail=0$", (workdir / "serial.log").read_text(), re.M)
+    assert re.search(r"^DONE pass=\d+ fail=0\b", (workdir / "serial.log").read_text(), re.M)
+
+
+def test_a_forbidden_call_on_the_api_thread_ends_strato_with_its_name(workdir: Path) -> None:
+    sock = workdir / "api.sock"
+    proc = _start_api("api-socket", sock)
+    try:
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == EXIT_SECCOMP_VIOLATION, err
+    assert "PROBE api filters=('api',)" in err
+    assert "PROBE survived" not in err
+    assert (
+        "strato: error: seccomp: thread http-server made the forbidden system call socket (41), "
+        f"refused by the api filter; strato stops (exit status {EXIT_SECCOMP_VIOLATION})."
+    ) in err
+
+
+@needs_kvm
+@pytest.mark.kvm
+def test_vms_created_through_the_api_run_unfiltered_under_seccomp_false(
+    guest_elf: Path, workdir: Path
+) -> None:
+    """`vm.create` has no seccomp field: the VM's threads get the VMM's --seccomp (before,
+    they always got "true": a vCPU filter under --seccomp false)."""
+    from strato.api.client import ApiClient
+
+    sock = workdir / "api.sock"
+    config = replace(_api_config(guest_elf, workdir), payload=replace(
+        _api_config(guest_elf, workdir).payload, cmdline="tests=console-rx host-timeout=3000"
+    ))  # fmt: skip
+    proc = _start_api("api", sock, "--seccomp", "false")
+    try:
+        with ApiClient(sock, timeout=20) as api:
+            api.create(config)
+            api.boot()
+            assert api.info()["state"] == "Running"
+            seen = _filters_of(proc.pid)
+            assert set(seen.values()) == {0}, seen  # (unfiltered threads keep the process name)
+            assert len(list(Path(f"/proc/{proc.pid}/task").iterdir())) >= 5
+            api.shutdown_vmm()
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, err
+    assert "forbidden system call" not in err
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_the_controller_gives_created_configs_the_vmm_seccomp_mode(mode: str) -> None:
+    from strato.vmm.config import PayloadConfig, VmConfig
+    from strato.vmm.controller import VmmController
+
+    controller = VmmController(lambda config: None, seccomp=mode)  # type: ignore[arg-type,return-value]
+    controller.start()
+    try:
+        controller.create(VmConfig(payload=PayloadConfig(kernel=Path(__file__))))
+        assert controller.config is not None and controller.config.seccomp == mode
+    finally:
+        controller.close()
 
 
 def test_syscall_names_come_from_libseccomp() -> None:
     assert seccomp.syscall_name(0) == "read" and seccomp.syscall_name(59) == "execve"
     assert seccomp.syscall_name(100000) == "syscall 100000"
+
+
+def test_the_kick_signal_the_filters_allow_is_the_one_vcpus_are_kicked_with() -> None:
+    from strato.vmm.vcpu import KICK_SIGNAL
+
+    assert seccomp.KICK_SIGNAL == KICK_SIGNAL
+    assert seccomp.KICK_SIGNAL in seccomp.SIGNALS_SENT
+
+
+def test_the_filters_name_the_process_they_were_compiled_for() -> None:
+    """tgkill and prlimit64 compare with the pid: a filter compiled for another process
+    (a cached program after fork) would refuse strato's own kicks."""
+    assert seccomp.build("vcpu", "true", pid=1234) != seccomp.build("vcpu", "true", pid=4321)
+    assert seccomp.build("api", "true", pid=1234) == seccomp.build("api", "true", pid=4321)

@@ -6,6 +6,19 @@ the MSI. The message (address, data) lives in the GSI routing table. KVM_SET_GSI
 replaces the whole table, so every change re-sends all of it: the legacy irqchip entries for
 GSIs 0..23 (which must stay) plus one MSI entry per routed vector.
 
+Coalescing (`MsiRouting(coalesce=True)`, what the VMM's KVM backend asks for): a guest that
+rewrites a live entry writes it field by field (address low, address high, data: Linux before
+5.14 on every affinity change), and each write used to send the whole table, two of them with
+a half-written message (new address, old data). A change of the address alone now only marks
+the table stale; the data write that follows sends it once, with the whole message. A table
+left stale (a guest that changed only the address) is sent right before the next interrupt
+raised through `MsiVectorGroup.trigger`, which every interrupt on these GSIs goes through
+(MsixTable.fire, pending vectors delivered at unmask): the kernel reads a route only when an
+irqfd is written, and nothing else writes these irqfds. A new route (a vector unmasked), a
+data change and a cleared route are sent at once: deferring those to the first interrupt was
+tried, and it delays that interrupt by the ioctl (1-10 ms on a nested host), which the built-in
+guest's `irq` check sees as a missing interrupt.
+
 The backend is a small protocol the VMM implements on its VmFd (converting these dataclasses
 into `kvm_irq_routing_entry`s); tests use a recording fake.
 """
@@ -55,7 +68,8 @@ GsiRoute = IrqchipRoute | MsiRoute
 
 
 class GsiRoutingBackend(Protocol):
-    """What the VMM provides (implemented over VmFd: KVM_SET_GSI_ROUTING and KVM_IRQFD)."""
+    """What the VMM provides (implemented over VmFd: KVM_SET_GSI_ROUTING and KVM_IRQFD). A
+    backend may have `coalesce = True`: MsiRouting then coalesces by default (see above)."""
 
     def set_gsi_routing(self, entries: list[GsiRoute]) -> None: ...
 
@@ -86,7 +100,10 @@ def legacy_irqchip_routes(irq0_to_pin2: bool = False) -> list[IrqchipRoute]:
 
 
 class MsiRouting:
-    """Owns GSIs >= 24 and the routing table of one VM. Thread-safe."""
+    """Owns GSIs >= 24 and the routing table of one VM. Thread-safe.
+
+    `coalesce` (default: the backend's `coalesce` attribute, else False): an address-only
+    change of a routed GSI is sent with the next change or interrupt (see the module doc)."""
 
     def __init__(
         self,
@@ -94,8 +111,11 @@ class MsiRouting:
         legacy_routes: Sequence[IrqchipRoute] | None = None,
         first_gsi: int = FIRST_MSI_GSI,
         max_gsi: int = MAX_GSI,
+        coalesce: bool | None = None,
     ) -> None:
         self.backend = backend
+        self.coalesce = bool(getattr(backend, "coalesce", False)) if coalesce is None else coalesce
+        self._stale = False  # routes changed since the table was last sent (coalesce mode)
         self.legacy_routes = list(
             legacy_routes if legacy_routes is not None else legacy_irqchip_routes()
         )
@@ -117,10 +137,15 @@ class MsiRouting:
             return gsi
 
     def release_gsi(self, gsi: int) -> None:
+        self.release_gsis([gsi])
+
+    def release_gsis(self, gsis: Sequence[int]) -> None:
+        """Drop the routes of `gsis` (one table sent for all of them) and free the GSIs."""
         with self._lock:
-            if self._msi_routes.pop(gsi, None) is not None:
+            routed = [self._msi_routes.pop(gsi, None) for gsi in gsis]
+            if any(r is not None for r in routed):
                 self._commit()
-            self._free_gsis.append(gsi)
+            self._free_gsis.extend(gsis)
             self._free_gsis.sort()
 
     def allocate_group(self, count: int) -> MsiVectorGroup:
@@ -128,15 +153,34 @@ class MsiRouting:
         return MsiVectorGroup(self, count)
 
     def set_route(self, gsi: int, address: int, data: int) -> None:
-        """Route `gsi` to the MSI message; the table is re-sent only if it changed."""
+        """Route `gsi` to the MSI message; the table is re-sent only if it changed (an
+        address-only change, when coalescing, with the next send or `flush`)."""
         route = MsiRoute(
             gsi, address & 0xFFFF_FFFF, (address >> 32) & 0xFFFF_FFFF, data & 0xFFFF_FFFF
         )
         with self._lock:
             if self._msi_routes.get(gsi) == route:
                 return
+            old = self._msi_routes.get(gsi)
             self._msi_routes[gsi] = route
-            self._commit()
+            if self.coalesce and old is not None and old.data == route.data:
+                self._stale = True  # the address of a live entry: its data write follows
+            else:
+                self._commit()
+
+    @property
+    def stale(self) -> bool:
+        """Routes changed that KVM does not have yet (coalesce mode)."""
+        return self._stale
+
+    def flush(self) -> None:
+        """Send the table if a route changed since it was last sent. Called before every
+        interrupt; the common case (nothing changed) takes no lock."""
+        if not self._stale:
+            return
+        with self._lock:
+            if self._stale:
+                self._commit()
 
     def clear_route(self, gsi: int) -> None:
         with self._lock:
@@ -157,6 +201,7 @@ class MsiRouting:
 
     def _commit(self) -> None:
         self.backend.set_gsi_routing(self.routes())
+        self._stale = False  # only once KVM took it: a failed send is retried by the next flush
 
 
 class MsiVector:
@@ -197,18 +242,23 @@ class MsiVectorGroup:
 
     def trigger(self, vector: int) -> None:
         if 0 <= vector < len(self.vectors):
+            self.routing.flush()  # a coalesced route change reaches KVM before the message
             self.vectors[vector].trigger.trigger()
 
     def gsi(self, vector: int) -> int:
         return self.vectors[vector].gsi
 
     def close(self) -> None:
-        """Unregister the irqfds, drop the routes and give the GSIs back."""
+        """Unregister the irqfds, drop the routes (one table sent for the whole group) and give
+        the GSIs back."""
         for v in self.vectors:
             try:
                 self.routing.backend.unregister_irqfd(v.trigger.fileno(), v.gsi)
             except Exception:
                 log.exception("unregistering irqfd for GSI %d failed", v.gsi)
-            self.routing.release_gsi(v.gsi)
-            v.trigger.eventfd.close()
-        self.vectors = []
+        try:
+            self.routing.release_gsis([v.gsi for v in self.vectors])
+        finally:
+            for v in self.vectors:
+                v.trigger.eventfd.close()
+            self.vectors = []

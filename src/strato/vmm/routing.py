@@ -11,6 +11,11 @@ from strato.kvm import ioctls as k
 
 
 class KvmRouting:
+    """KVM_SET_GSI_ROUTING and KVM_IRQFD on a VmFd. Each table sent costs the kernel an RCU
+    grace period, so MsiRouting coalesces route changes over this backend (`coalesce`)."""
+
+    coalesce = True
+
     def __init__(self, vm: VmFd) -> None:
         self.vm = vm
         self.sent = 0  # routing tables sent to KVM (each one replaces the whole table)

@@ -24,6 +24,22 @@ Python itself needs a common set in every thread (memory allocation, the GIL's f
 signals, thread exit): `BASELINE`. In the vcpu, events and api kinds, opening or looking up a
 file fails with EACCES instead of ending strato: that is what a lazy import or a traceback's
 source lookup does, and both must degrade (no source lines, an ImportError) rather than kill.
+
+Arguments are filtered where a call is dangerous with the wrong ones (the threat model is
+Firecracker's: a guest that took over a vCPU or device thread):
+
+- No thread maps memory executable or makes a mapping executable: `mmap` and `mprotect` with
+  PROT_EXEC fail with EPERM (`REFUSED`: a lazy import of an extension module after the filters
+  then fails as an ImportError instead of ending strato). Everything that needs executable
+  memory is done before the first filter: the SIGSYS handler (a ctypes callback: a libffi
+  closure), libseccomp, and `PRELOAD`, the extension modules strato imports lazily.
+- Signals only to strato itself (`tgkill` with tgid == getpid()) and only the vCPU kick and
+  SIGABRT (glibc's abort()); no `tkill`, `kill` or `rt_sigqueueinfo`. `prlimit64` only on
+  strato itself (pid 0 or getpid()). The filters are compiled per process for that reason.
+- ioctl on its request: a vCPU thread only KVM_RUN and what devices do on guest writes.
+- No `connect` or `bind`: the API socket is bound before the main filter goes on, and strato
+  connects to nothing. Sockets are AF_UNIX stream sockets only (a datagram socket could
+  `sendto` any socket path).
 """
 
 from __future__ import annotations
@@ -32,11 +48,13 @@ import ctypes
 import errno
 import logging
 import os
+import signal
 import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from strato.devices.backends import netif
 from strato.vmm.stop import EXIT_SECCOMP_VIOLATION, EXIT_VMM_ERROR
 
 log = logging.getLogger(__name__)
@@ -73,6 +91,17 @@ class Allow:
     when: tuple[tuple[Cond, ...], ...] = ()
 
 
+@dataclass(frozen=True)
+class Refuse:
+    """Make `syscall` fail with `err` (in mode "true"; under "log" it is logged and let
+    through like any call off the list) for arguments matching one of the alternatives."""
+
+    syscall: str
+    err: int
+    why: str
+    when: tuple[tuple[Cond, ...], ...] = ()
+
+
 def _args(*alternatives: Cond) -> tuple[tuple[Cond, ...], ...]:
     return tuple((c,) for c in alternatives)
 
@@ -95,7 +124,9 @@ KVM_SET_GSI_ROUTING = _kvm(_W, 0x6A, 8)
 KVM_IRQFD = _kvm(_W, 0x76, 32)
 KVM_IOEVENTFD = _kvm(_W, 0x79, 64)
 KVM_SIGNAL_MSI = _kvm(_W, 0xA5, 32)
-# A vCPU's own state (exit handling, pause, snapshot): registers, MSRs, LAPIC, events, FPU.
+# A vCPU's own state: set up by the main thread when it builds the VM (main allows every KVM
+# request); no vCPU thread calls them, so the vcpu filter refuses them (a compromised vCPU
+# thread must not rewrite another vCPU's registers).
 VCPU_STATE_IOCTLS = (
     _kvm(_R, 0x81, 144),  # KVM_GET_REGS
     _kvm(_W, 0x82, 144),  # KVM_SET_REGS
@@ -120,10 +151,15 @@ TCGETS, TCSETS, TCSETSW, TCSETSF = 0x5401, 0x5402, 0x5403, 0x5404
 TIOCGWINSZ, FIONREAD, FIONBIO, FIONCLEX, FIOCLEX = 0x5413, 0x541B, 0x5421, 0x5450, 0x5451
 TUNSETIFF, TUNSETOFFLOAD, TUNGETIFF = 0x400454CA, 0x400454D0, 0x800454D2
 TUNSETVNETHDRSZ = 0x400454D8
+TUNSETQUEUE = 0x400454D9  # virtio-net attaches/detaches multiqueue tap queues
 
 # -- other argument values ---------------------------------------------------------------------
 CLONE_THREAD = 0x00010000
 AF_UNIX = 1
+SOCK_STREAM, SOCK_TYPE_MASK = 1, 0xF  # the type argument also carries SOCK_CLOEXEC/NONBLOCK
+PROT_EXEC = 0x4
+KICK_SIGNAL = int(signal.SIGRTMIN)  # strato.vmm.vcpu.KICK_SIGNAL (a test checks they agree)
+SIGNALS_SENT = (KICK_SIGNAL, int(signal.SIGABRT))  # the kick; glibc's abort() raises SIGABRT
 PR_SET_NAME, PR_GET_NAME, PR_SET_NO_NEW_PRIVS = 15, 16, 38
 F_GETFD, F_SETFD, F_GETFL, F_SETFL = 1, 2, 3, 4
 SECCOMP_SET_MODE_FILTER = 1
@@ -131,10 +167,18 @@ SECCOMP_SET_MODE_FILTER = 1
 # -- the allow lists -------------------------------------------------------------------------
 BASELINE: tuple[Allow, ...] = (
     Allow("brk", "the C allocator grows the heap"),
-    Allow("mmap", "Python's and the C allocator's arenas, thread stacks"),
+    Allow(
+        "mmap",
+        "Python's and the C allocator's arenas, thread stacks (never executable)",
+        _args(Cond(2, 0, PROT_EXEC)),
+    ),
     Allow("munmap", "allocator arenas released; mmap objects finalised on any thread"),
     Allow("mremap", "realloc of large blocks"),
-    Allow("mprotect", "the C allocator grows per-thread arenas"),
+    Allow(
+        "mprotect",
+        "the C allocator grows per-thread arenas; guard pages (never to executable)",
+        _args(Cond(2, 0, PROT_EXEC)),
+    ),
     Allow("madvise", "the allocator returns pages; glibc frees an exiting thread's stack"),
     Allow("futex", "the GIL, locks, conditions, thread joins"),
     Allow("rt_sigreturn", "return from a signal handler (the vCPU kick, SIGTERM)"),
@@ -151,6 +195,14 @@ BASELINE: tuple[Allow, ...] = (
     Allow("close", "finalizers close fds on whichever thread drops the last reference"),
     Allow("exit", "the thread ends"),
     Allow("exit_group", "the process ends (including from the SIGSYS handler)"),
+)
+
+# Every kind: executable memory is refused with EPERM (a late dlopen fails, an ImportError).
+REFUSED: tuple[Refuse, ...] = (
+    Refuse("mmap", errno.EPERM, "no executable mappings", _args(Cond(2, PROT_EXEC, PROT_EXEC))),
+    Refuse(
+        "mprotect", errno.EPERM, "nothing made executable", _args(Cond(2, PROT_EXEC, PROT_EXEC))
+    ),
 )
 
 # Calls that fail with EACCES instead of ending strato in the vcpu, events and api kinds: file
@@ -187,38 +239,39 @@ _DATA_PLANE: tuple[Allow, ...] = (
     Allow("epoll_ctl", "devices (un)register their fds with the event loop"),
     Allow("timerfd_settime", "rate limiters arm their refill timers"),
     Allow("timerfd_gettime", "rate limiters read their timers"),
-    Allow("tgkill", "stopping the VM kicks every vCPU out of KVM_RUN (pthread_kill)"),
 )
+
+
+def _signals_to_self(pid: int) -> Allow:
+    return Allow(
+        "tgkill",
+        "stopping the VM kicks every vCPU out of KVM_RUN (pthread_kill); abort(): strato's own "
+        "threads only (tgid == getpid()), the kick signal and SIGABRT only",
+        tuple((Cond(0, pid, _U32), Cond(2, sig, _U32)) for sig in SIGNALS_SENT),
+    )
+
 
 VCPU: tuple[Allow, ...] = (
     *_DATA_PLANE,
     Allow(
         "ioctl",
-        "KVM_RUN and this vCPU's state; MSI-X routes, irqfds, ioeventfds and INTx lines that "
-        "devices program on guest writes; tap offloads when virtio-net is activated",
-        _ioctls(
-            KVM_RUN,
-            *VCPU_STATE_IOCTLS,
-            KVM_SET_GSI_ROUTING,
-            KVM_IRQFD,
-            KVM_IOEVENTFD,
-            KVM_IRQ_LINE,
-            KVM_SIGNAL_MSI,
-            TUNSETOFFLOAD,
-        ),
+        "KVM_RUN; MSI-X routes (a pending vector delivered when the guest unmasks it), "
+        "ioeventfds moved with a BAR, INTx lines raised by legacy devices on guest writes",
+        _ioctls(KVM_RUN, KVM_SET_GSI_ROUTING, KVM_IOEVENTFD, KVM_IRQ_LINE),
     ),
-    Allow("eventfd2", "irqfds and ioeventfds created when a device is (re)activated"),
-    Allow("timerfd_create", "rate limiter timers created when a device is activated"),
 )
 
 EVENTS: tuple[Allow, ...] = (
     *_DATA_PLANE,
     Allow("epoll_wait", "the event loop waits"),
     Allow("epoll_pwait", "the event loop waits (glibc's epoll_wait on some builds)"),
+    Allow("eventfd2", "devices activated on the loop create their wake-up eventfds"),
+    Allow("timerfd_create", "rate limiter timers created when a device is activated"),
     Allow(
         "ioctl",
-        "INTx lines and MSIs raised by devices; tap offloads changed by virtio-net's control queue",
-        _ioctls(KVM_IRQ_LINE, KVM_SIGNAL_MSI, TUNSETOFFLOAD),
+        "INTx lines raised by devices; MSI-X routes pushed before a vector fires; tap offloads "
+        "set by virtio-net's activation and control queue",
+        _ioctls(KVM_IRQ_LINE, KVM_SET_GSI_ROUTING, TUNSETOFFLOAD, TUNSETQUEUE),
     ),
 )
 
@@ -244,6 +297,11 @@ API: tuple[Allow, ...] = (
     ),
 )
 
+# The process's bound (every thread runs under it): the main thread, the API's VMM thread, the
+# serial, terminal and event-monitor threads. It still opens files with O_CREAT (the serial and
+# console files of every build: reboots, `vm.create`) and unlinks (the API socket at exit):
+# seccomp cannot look at a path, landlock limits them. What it no longer has: bind, connect,
+# non-stream or non-unix sockets, flock and umask (the API socket is bound before the filter).
 MAIN: tuple[Allow, ...] = (
     *_DATA_PLANE,
     *(
@@ -257,12 +315,10 @@ MAIN: tuple[Allow, ...] = (
     Allow("dup", "the console duplicates its output fd"),
     Allow("dup2", "the console duplicates its output fd"),
     Allow("dup3", "the console duplicates its output fd"),
-    Allow("flock", "the API socket's lock file"),
-    Allow("unlink", "the API socket and its lock file are removed"),
-    Allow("unlinkat", "the API socket and its lock file are removed"),
+    Allow("unlink", "the API socket and its lock file are removed at exit"),
+    Allow("unlinkat", "the API socket and its lock file are removed at exit"),
     Allow("ftruncate", "shared guest memory (memfd) is sized"),
     Allow("memfd_create", "shared guest memory"),
-    Allow("umask", "files created with the right modes"),
     Allow("statfs", "file system details"),
     Allow("fstatfs", "file system details"),
     Allow(
@@ -271,7 +327,9 @@ MAIN: tuple[Allow, ...] = (
         (
             (Cond(1, 0xAE00, 0xFF00),),
             *_ioctls(TCGETS, TCSETS, TCSETSW, TCSETSF, TIOCGWINSZ, FIONREAD, FIONBIO, FIONCLEX),
-            *_ioctls(FIOCLEX, TUNSETIFF, TUNSETOFFLOAD, TUNGETIFF, TUNSETVNETHDRSZ),
+            *_ioctls(FIOCLEX, TUNSETIFF, TUNSETOFFLOAD, TUNGETIFF, TUNSETVNETHDRSZ, TUNSETQUEUE),
+            # A tap strato creates: address, netmask, MAC, MTU, up (strato.devices.backends.netif).
+            *_ioctls(*netif.REQUESTS),
         ),
     ),
     Allow("epoll_create1", "event loops, selectors"),
@@ -302,16 +360,16 @@ MAIN: tuple[Allow, ...] = (
     Allow("landlock_create_ruleset", "landlock (only ever adds restrictions)"),
     Allow("landlock_add_rule", "landlock (only ever adds restrictions)"),
     Allow("landlock_restrict_self", "landlock (only ever adds restrictions)"),
-    Allow("socket", "unix sockets only (the REST API)", _args(Cond(0, AF_UNIX, _U32))),
-    Allow("socketpair", "unix socket pairs"),
-    Allow("bind", "the API socket"),
-    Allow("listen", "the API socket"),
+    Allow(
+        "socket",
+        "AF_UNIX stream sockets only (the REST API's listener is made before the filter)",
+        ((Cond(0, AF_UNIX, _U32), Cond(1, SOCK_STREAM, SOCK_TYPE_MASK)),),
+    ),
+    Allow("listen", "an inherited --api-socket fd=N listens"),
     Allow("accept4", "API connections"),
-    Allow("connect", "unix sockets"),
     Allow("getsockname", "socket addresses"),
     Allow("getpeername", "socket addresses"),
     Allow("getsockopt", "socket options (an inherited --api-socket fd)"),
-    Allow("setsockopt", "socket options"),
     Allow("shutdown", "closing connections"),
     Allow("recvfrom", "sockets"),
     Allow("recvmsg", "sockets"),
@@ -323,11 +381,23 @@ MAIN: tuple[Allow, ...] = (
     Allow("getgid", "group ids"),
     Allow("getegid", "group ids"),
     Allow("uname", "platform details"),
-    Allow("sysinfo", "memory size"),
-    Allow("prlimit64", "resource limits"),
-    Allow("sched_getaffinity", "CPU count"),
-    Allow("epoll_pwait2", "event loop waits with a precise timeout"),
 )
+
+
+def _per_process(kind: str, pid: int) -> tuple[Allow, ...]:
+    """The rules that name strato's own pid (the filters are compiled per process)."""
+    if kind == "api":
+        return ()
+    signals = (_signals_to_self(pid),)
+    if kind != "main":
+        return signals
+    limits = Allow(
+        "prlimit64",
+        "getrlimit/setrlimit on strato itself only (pid 0 or getpid())",
+        _args(Cond(0, 0, _U32), Cond(0, pid, _U32)),
+    )
+    return (*signals, limits)
+
 
 _KIND_EXTRAS: dict[str, tuple[Allow, ...]] = {
     "main": MAIN,
@@ -341,11 +411,12 @@ _KIND_EXTRAS: dict[str, tuple[Allow, ...]] = {
 _ENOSYS_CALLS = ("clone3",)
 
 
-def rules(kind: str) -> tuple[Allow, ...]:
-    """The allow list of a thread kind: the baseline plus the kind's own calls."""
+def rules(kind: str, pid: int | None = None) -> tuple[Allow, ...]:
+    """The allow list of a thread kind: the baseline plus the kind's own calls, for the
+    process `pid` (default: this one)."""
     if kind not in _KIND_EXTRAS:
         raise ValueError(f"unknown seccomp thread kind {kind!r} (one of {', '.join(KINDS)})")
-    return BASELINE + _KIND_EXTRAS[kind]
+    return BASELINE + _KIND_EXTRAS[kind] + _per_process(kind, pid or os.getpid())
 
 
 def allowed_syscalls(kind: str) -> list[str]:
@@ -373,8 +444,18 @@ def check_mode(mode: str) -> None:
         raise ValueError(f"--seccomp {mode}: expected true, false or log")
 
 
-def build(kind: str, mode: str) -> bytes:
-    """Compile the filter of `kind` for `mode` ("true" or "log") into a BPF program."""
+def _conditions(sc: Any, alternative: tuple[Cond, ...]) -> list[Any]:
+    return [
+        sc.Arg(c.arg, sc.MASKED_EQ, c.mask, c.value)
+        if c.mask != _U64
+        else sc.Arg(c.arg, sc.EQ, c.value)
+        for c in alternative
+    ]
+
+
+def build(kind: str, mode: str, pid: int | None = None) -> bytes:
+    """Compile the filter of `kind` for `mode` ("true" or "log") into a BPF program, for the
+    process `pid` (default: this one; the signal and prlimit64 rules name it)."""
     check_mode(mode)
     if mode == "false":
         raise ValueError("--seccomp false has no filter")
@@ -383,7 +464,8 @@ def build(kind: str, mode: str) -> bytes:
     f = sc.SyscallFilter(default)
     f.set_attr(sc.Attr.ACT_BADARCH, default)
     f.set_attr(sc.Attr.CTL_NNP, 0)  # install() sets it
-    for a in rules(kind):
+    allow = rules(kind, pid)
+    for a in allow:
         nr = _syscall_number(a.syscall)
         if nr is None:
             continue
@@ -391,15 +473,14 @@ def build(kind: str, mode: str) -> bytes:
             f.add_rule(sc.ALLOW, nr)
             continue
         for alternative in a.when:
-            args = [
-                sc.Arg(c.arg, sc.MASKED_EQ, c.mask, c.value)
-                if c.mask != _U64
-                else sc.Arg(c.arg, sc.EQ, c.value)
-                for c in alternative
-            ]
-            f.add_rule(sc.ALLOW, nr, *args)
-    allowed = {a.syscall for a in rules(kind)}
+            f.add_rule(sc.ALLOW, nr, *_conditions(sc, alternative))
+    allowed = {a.syscall for a in allow}
     # Under "log" these fall to the default action (logged and let through), like the rest.
+    for r in REFUSED if mode == "true" else ():
+        nr = _syscall_number(r.syscall)
+        if nr is not None:
+            for alternative in r.when:
+                f.add_rule(sc.ERRNO(r.err), nr, *_conditions(sc, alternative))
     for name in soft_denied(kind) if mode == "true" else ():
         nr = _syscall_number(name)
         if nr is not None and name not in allowed:
@@ -429,17 +510,23 @@ def _syscall_number(name: str) -> int | None:
     return nr
 
 
-_programs: dict[tuple[str, str], bytes] = {}
+_programs: dict[tuple[str, str, int], bytes] = {}
 _programs_lock = threading.Lock()
 
 
 def program(kind: str, mode: str) -> bytes:
-    """The compiled filter (cached: built once per process, from the thread that asks first)."""
+    """The compiled filter (cached: built once per process, from the thread that asks first;
+    a forked child compiles its own, since the filters name the pid)."""
     with _programs_lock:
-        key = (kind, mode)
+        key = (kind, mode, os.getpid())
         if key not in _programs:
-            _programs[key] = build(kind, mode)
+            _programs[key] = build(kind, mode, key[2])
         return _programs[key]
+
+
+# Extension modules strato imports lazily after the filters are on: loaded now, while a
+# shared library may still be mapped executable (termios: the terminal input pump).
+PRELOAD = ("termios",)
 
 
 def prepare(mode: str, kinds: Iterable[str] = KINDS) -> None:
@@ -451,6 +538,17 @@ def prepare(mode: str, kinds: Iterable[str] = KINDS) -> None:
     for kind in kinds:
         program(kind, mode)
     _load_names()
+    # The one AF_INET socket (it can send nothing), for the addresses of the taps strato
+    # creates: under the main filter no socket but an AF_UNIX stream one can be made.
+    try:
+        netif.open_control_socket()
+    except OSError as e:
+        log.debug("no interface control socket: %s", e)
+    for name in PRELOAD:
+        try:
+            __import__(name)
+        except ImportError:  # not built into this Python: nothing will import it later either
+            pass
 
 
 # -- installing --------------------------------------------------------------------------------
@@ -658,6 +756,7 @@ __all__ = [
     "MODES",
     "Allow",
     "Cond",
+    "Refuse",
     "SeccompError",
     "allowed_syscalls",
     "build",
