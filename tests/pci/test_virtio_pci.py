@@ -371,7 +371,82 @@ def test_failed_activation_asks_for_reset() -> None:
         st.bring_up()
         assert st.driver.status & STATUS_DEVICE_NEEDS_RESET
         assert not st.transport.activated
+        assert st.device.resets == 1  # rolled back at once: all or nothing
+        st.driver.reset()
+        assert st.device.resets == 1  # nothing left to undo
+        st.device.fail_activate = False
+        st.rings.clear()
+        st.bring_up()
+        assert st.transport.activated and len(st.device.activations) == 1
     finally:
+        st.close()
+
+
+def test_reset_after_features_ok_resets_the_device(s: Setup) -> None:
+    """Features were handed to the device: a reset before DRIVER_OK must take them back."""
+    assert s.driver.negotiate()
+    assert s.device.acked == [s.device.features]
+    s.driver.reset()
+    assert s.device.resets == 1
+    s.driver.reset()
+    assert s.device.resets == 1  # nothing handed over since
+
+
+class NetLikeDevice(FakeVirtioDevice):
+    """A device with virtio-net's feature dependencies (5.1.3.1)."""
+
+    def feature_conflict(self, features: int) -> str | None:
+        from strato.devices.virtio.net import Net
+
+        return Net.feature_conflict(features)
+
+
+@pytest.mark.parametrize(
+    ("bits", "ok"),
+    [
+        ((7,), False),  # GUEST_TSO4 without GUEST_CSUM
+        ((1, 7), True),
+        ((1, 9), False),  # GUEST_ECN without GUEST_TSO4/6
+        ((1, 8, 9), True),
+        ((11,), False),  # HOST_TSO4 without CSUM
+        ((0, 11, 13), True),
+        ((0, 13), False),  # HOST_ECN without HOST_TSO4/6
+        ((14,), False),  # HOST_UFO without CSUM
+        ((1, 10), True),
+    ],
+)
+def test_features_ok_refused_for_invalid_dependencies(bits: tuple[int, ...], ok: bool) -> None:
+    dev = NetLikeDevice()
+    for b in range(15):
+        dev.features |= 1 << b
+    st = Setup(dev)
+    try:
+        features = V1 | sum(1 << b for b in bits)
+        assert st.driver.negotiate(features) is ok
+        assert dev.acked == ([features] if ok else [])
+    finally:
+        st.close()
+
+
+def test_device_config_writes_run_on_the_loop_thread() -> None:
+    """A device-config write (e.g. virtio-console's emergency write) never runs device code
+    on the vCPU thread: the transport hands it to the loop thread and waits."""
+    st = Setup()
+    threads: list[threading.Thread] = []
+    write = st.device.write_config
+
+    def recording(offset: int, data: bytes) -> None:
+        threads.append(threading.current_thread())
+        write(offset, data)
+
+    st.device.write_config = recording  # type: ignore[method-assign]
+    st.loop.start()
+    try:
+        st.driver.write(VIRTIO_PCI_CAP_DEVICE_CFG, 8, 4, 0x41)
+        assert threads == [st.loop.thread]
+        assert st.device.config_writes == [(8, b"A\0\0\0")]
+    finally:
+        st.loop.stop()
         st.close()
 
 

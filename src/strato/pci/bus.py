@@ -15,6 +15,7 @@ import logging
 import threading
 from typing import Any
 
+from strato._sys.ratelog import RateLimitedLog
 from strato.bus import Bus, BusError
 from strato.pci.allocator import AllocationError, PciAllocator
 from strato.pci.configuration import (
@@ -28,6 +29,12 @@ from strato.pci.configuration import (
 from strato.pci.device import BarRegion, BarWindow, PciDevice
 
 log = logging.getLogger(__name__)
+
+# Guest-triggerable log lines (config space and BAR moves are the guest's), rate-limited.
+_log_config_read = RateLimitedLog(log)
+_log_config_write = RateLimitedLog(log)
+_log_bar_move = RateLimitedLog(log)
+_log_bar_moved = RateLimitedLog(log)
 
 NUM_SLOTS = 32
 HOST_BRIDGE_VENDOR_ID = 0x8086  # Intel, with Cloud Hypervisor's virtual PCIe host device id
@@ -203,7 +210,14 @@ class PciRoot:
             try:
                 return device.config_read(offset, size) & _ones(size)
             except Exception:
-                log.exception("PCI %02x:%02x.%x config read at %#x failed", bus, dev, fn, offset)
+                _log_config_read.error(
+                    "PCI %02x:%02x.%x config read at %#x failed",
+                    bus,
+                    dev,
+                    fn,
+                    offset,
+                    exc_info=True,
+                )
                 return _ones(size)
 
     def config_write(self, bus: int, dev: int, fn: int, offset: int, data: bytes) -> None:
@@ -216,7 +230,14 @@ class PciRoot:
             try:
                 moves = device.config_write(offset, data)
             except Exception:
-                log.exception("PCI %02x:%02x.%x config write at %#x failed", bus, dev, fn, offset)
+                _log_config_write.error(
+                    "PCI %02x:%02x.%x config write at %#x failed",
+                    bus,
+                    dev,
+                    fn,
+                    offset,
+                    exc_info=True,
+                )
                 return
             for move in moves:
                 self._move_bar(dev, device, move)
@@ -232,7 +253,7 @@ class PciRoot:
                     bus.remove(move.old_base)
                 bus.insert(window, move.new_base, move.size)
             except BusError as e:
-                log.warning(
+                _log_bar_move.warning(
                     "PCI %02x BAR %d: cannot move %#x -> %#x (%s); keeping the old address",
                     slot,
                     move.index,
@@ -248,7 +269,9 @@ class PciRoot:
         try:
             device.bar_moved(move.index, move.old_base, move.new_base)
         except Exception:
-            log.exception("PCI %02x BAR %d: bar_moved failed", slot, move.index)
+            _log_bar_moved.error(
+                "PCI %02x BAR %d: bar_moved failed", slot, move.index, exc_info=True
+            )
 
 
 def _parse_config_address(address: int) -> tuple[int, int, int, int]:

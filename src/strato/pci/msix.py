@@ -15,7 +15,13 @@ import struct
 import threading
 from typing import Any, Protocol
 
+from strato._sys.ratelog import RateLimitedLog
+
 log = logging.getLogger(__name__)
+
+# Guest-triggerable log lines (a guest programs and fires vectors), each rate-limited.
+_log_routing = RateLimitedLog(log)
+_log_delivery = RateLimitedLog(log)
 
 MSIX_TABLE_ENTRY_SIZE = 16
 MAX_MSIX_VECTORS = 2048
@@ -115,7 +121,7 @@ class MsixTable:
             try:
                 self.sink.update(vector, *message)
             except Exception:
-                log.exception("MSI-X vector %d: routing update failed", vector)
+                _log_routing.error("MSI-X vector %d: routing update failed", vector, exc_info=True)
                 return
             self._routed[vector] = message
         if self.pending[vector]:
@@ -126,7 +132,7 @@ class MsixTable:
         try:
             self.sink.trigger(vector)
         except Exception:
-            log.exception("MSI-X vector %d: delivery failed", vector)
+            _log_delivery.error("MSI-X vector %d: delivery failed", vector, exc_info=True)
 
     # -- delivery -----------------------------------------------------------------------------
     def fire(self, vector: int) -> bool:

@@ -20,6 +20,13 @@ eventfd per queue, registered with KVM as an ioeventfd on the queue's notify add
 event loop, whose callback calls `device.process_queue(i)` (a notify never runs on a vCPU
 thread). `activate()` and `reset()` of the device also run on the loop thread (the vCPU that
 wrote DRIVER_OK or 0 waits for them), so the data plane never races its own setup.
+
+Hostile-guest budget: a register access costs O(1) host memory and time, except a queue enable
+(one ring validation: O(queue size) reads, no allocation in proportion to it) and the DRIVER_OK
+and reset writes, which cost what the device's own activate/reset cost (each device states its
+bound). Activation is all or nothing: a device that fails to activate is reset at once, and a
+driver reset always leaves the device as new (features forgotten, nothing on the loop). Every
+log line a guest can trigger is rate-limited (one `RateLimitedLog` per call site).
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from strato._sys.eventfd import EventFd
+from strato._sys.ratelog import RateLimitedLog
 from strato.events import EventLoop
 from strato.interrupts.msi import MsiRouting, MsiVectorGroup
 from strato.interrupts.trigger import LevelTrigger
@@ -75,6 +83,23 @@ from strato.virtio.device import (
 from strato.virtio.queue import Queue
 
 log = logging.getLogger(__name__)
+
+# One rate limit per guest-triggerable log line (a guest must not flood the host log).
+_log_ioevent_unregister = RateLimitedLog(log)
+_log_ioevent_register = RateLimitedLog(log)
+_log_bar_read = RateLimitedLog(log)
+_log_bar_write = RateLimitedLog(log)
+_log_config_write = RateLimitedLog(log)
+_log_queue_enable = RateLimitedLog(log)
+_log_status = RateLimitedLog(log)
+_log_features_unoffered = RateLimitedLog(log)
+_log_features_version = RateLimitedLog(log)
+_log_features_conflict = RateLimitedLog(log)
+_log_activate = RateLimitedLog(log)
+_log_reset = RateLimitedLog(log)
+_log_loop_timeout = RateLimitedLog(log)
+_log_loop_job = RateLimitedLog(log)
+_log_queue = RateLimitedLog(log)
 
 VIRTIO_PCI_VENDOR_ID = 0x1AF4
 VIRTIO_PCI_DEVICE_ID_BASE = 0x1040
@@ -229,6 +254,7 @@ class VirtioPciDevice:
         self.config_changed = False
         self.isr = 0
         self.activated = False
+        self._device_dirty = False  # the device was given features or an activation attempt
         self._intx_level = False
 
         # notifications: an eventfd per queue, on the loop (and on KVM once BAR 0 is placed)
@@ -397,13 +423,17 @@ class VirtioPciDevice:
                 try:
                     self.ioevents.unregister_ioevent(evt.fd, old + step, NOTIFY_ACCESS_SIZE, None)
                 except OSError as e:
-                    log.warning("virtio-pci: unregistering ioeventfd at %#x: %s", old + step, e)
+                    _log_ioevent_unregister.warning(
+                        "virtio-pci: unregistering ioeventfd at %#x: %s", old + step, e
+                    )
             if base is not None:
                 try:
                     self.ioevents.register_ioevent(evt.fd, base + step, NOTIFY_ACCESS_SIZE, None)
                 except OSError as e:
                     # the MMIO exit path still delivers the notify, only slower
-                    log.warning("virtio-pci: registering ioeventfd at %#x: %s", base + step, e)
+                    _log_ioevent_register.warning(
+                        "virtio-pci: registering ioeventfd at %#x: %s", base + step, e
+                    )
         self._ioevent_base = base
 
     def bar_read(self, index: int, offset: int, size: int) -> bytes:
@@ -412,7 +442,7 @@ class VirtioPciDevice:
         try:
             data = self._bar_read(offset, size)
         except Exception:
-            log.exception("virtio-pci: BAR read at %#x failed", offset)
+            _log_bar_read.error("virtio-pci: BAR read at %#x failed", offset, exc_info=True)
             data = b""
         return data[:size].ljust(size, b"\0")
 
@@ -446,7 +476,10 @@ class VirtioPciDevice:
                 with self._lock:
                     job = self._common_write(offset, data)
             elif DEVICE_CFG_OFFSET <= offset < DEVICE_CFG_OFFSET + DEVICE_CFG_SIZE:
-                self.device.write_config(offset - DEVICE_CFG_OFFSET, data)
+                # Device code runs on the loop thread only (e.g. virtio-console's emergency
+                # write feeds its output path); the vCPU waits for it, which also bounds how
+                # fast a guest can queue such writes.
+                job = self._config_write_job(offset - DEVICE_CFG_OFFSET, bytes(data))
             elif NOTIFY_OFFSET <= offset < NOTIFY_OFFSET + NOTIFY_SIZE:
                 self._mmio_notify(offset - NOTIFY_OFFSET)
             elif self.msix is not None:
@@ -455,10 +488,21 @@ class VirtioPciDevice:
                 elif MSIX_PBA_OFFSET <= offset < MSIX_PBA_OFFSET + MSIX_PBA_SIZE:
                     self.msix.write_pba(offset - MSIX_PBA_OFFSET, data)
         except Exception:
-            log.exception("virtio-pci: BAR write at %#x failed", offset)
+            _log_bar_write.error("virtio-pci: BAR write at %#x failed", offset, exc_info=True)
             return
         if job is not None:
             self._run_on_loop(job)
+
+    def _config_write_job(self, offset: int, data: bytes) -> Callable[[], None]:
+        def write_config() -> None:
+            try:
+                self.device.write_config(offset, data)
+            except Exception:
+                _log_config_write.error(
+                    "virtio-pci: device config write at %#x failed", offset, exc_info=True
+                )
+
+        return write_config
 
     # -- common configuration -----------------------------------------------------------------
     def _selected_queue(self) -> Queue | None:
@@ -550,7 +594,9 @@ class VirtioPciDevice:
                 if self._queue_config_ok(q):
                     q.ready = True
                 else:
-                    log.warning("virtio-pci: queue %d enable refused: invalid configuration", qi)
+                    _log_queue_enable.warning(
+                        "virtio-pci: queue %d enable refused: invalid configuration", qi
+                    )
             return
         if q.ready:
             return  # configure before enabling (virtio 1.2, 4.1.4.3.2)
@@ -586,7 +632,9 @@ class VirtioPciDevice:
         current = self.status & _KNOWN_STATUS
         new = value & _KNOWN_STATUS
         if new & current != current:
-            log.debug("virtio-pci: status %#x -> %#x goes backwards; ignored", current, new)
+            _log_status.log(
+                logging.DEBUG, "virtio-pci: status %#x -> %#x goes backwards; ignored", current, new
+            )
             return None
         added = new & ~current
         if added & STATUS_DRIVER and not new & STATUS_ACKNOWLEDGE:
@@ -594,6 +642,7 @@ class VirtioPciDevice:
         if added & STATUS_FEATURES_OK and not self._features_acceptable(new):
             new &= ~STATUS_FEATURES_OK  # the driver reads it back clear: negotiation failed
         if added & STATUS_FEATURES_OK and new & STATUS_FEATURES_OK:
+            self._device_dirty = True
             self.device.ack_features(self.driver_features)
         if added & STATUS_DRIVER_OK and not new & STATUS_FEATURES_OK:
             new &= ~STATUS_DRIVER_OK
@@ -607,13 +656,23 @@ class VirtioPciDevice:
             return False
         offered = self.device.device_features
         if self.driver_features & ~offered:
-            log.warning(
+            _log_features_unoffered.warning(
                 "virtio-pci: driver accepted features %#x the device did not offer",
                 self.driver_features & ~offered,
             )
             return False
         if not self.driver_features >> VIRTIO_F_VERSION_1 & 1:
-            log.warning("virtio-pci: driver did not accept VERSION_1")
+            _log_features_version.warning("virtio-pci: driver did not accept VERSION_1")
+            return False
+        # The device's own dependencies between features (e.g. virtio-net, 5.1.3.1).
+        conflict: Callable[[int], str | None] | None = getattr(
+            self.device, "feature_conflict", None
+        )
+        reason = conflict(self.driver_features) if conflict is not None else None
+        if reason is not None:
+            _log_features_conflict.warning(
+                "virtio-pci: features %#x refused: %s", self.driver_features, reason
+            )
             return False
         return True
 
@@ -626,10 +685,12 @@ class VirtioPciDevice:
             for q in self.queues:
                 q.event_idx = event_idx
             queues = list(self.queues)
+            self._device_dirty = True
         try:
             self.device.activate(self.mem, self, queues, self.loop)
         except Exception:
-            log.exception("virtio-pci: device activation failed")
+            _log_activate.error("virtio-pci: device activation failed", exc_info=True)
+            self._reset_device()  # all or nothing: nothing of the attempt stays behind
             self.set_needs_reset()
             return
         with self._lock:
@@ -641,14 +702,9 @@ class VirtioPciDevice:
     def _reset(self) -> None:
         """Runs on the loop thread: stop the device, then forget everything negotiated."""
         with self._lock:
-            was_active = self.activated
             self.activated = False
             self._early_notifies.clear()
-        if was_active:
-            try:
-                self.device.reset()
-            except Exception:
-                log.exception("virtio-pci: device reset failed")
+        self._reset_device()
         with self._lock:
             for q in self.queues:
                 q.reset()
@@ -663,6 +719,16 @@ class VirtioPciDevice:
             with self._isr_lock:
                 self.isr = 0
             self._update_intx()
+
+    def _reset_device(self) -> None:
+        """Reset the device if anything was handed to it (features, an activation attempt)."""
+        if not self._device_dirty:
+            return
+        try:
+            self.device.reset()
+            self._device_dirty = False
+        except Exception:
+            _log_reset.error("virtio-pci: device reset failed", exc_info=True)
 
     # -- jobs on the event loop thread ---------------------------------------------------------
     def _run_on_loop(self, job: Callable[[], None]) -> None:
@@ -683,7 +749,7 @@ class VirtioPciDevice:
             self._jobs.append(wrapped)
         self._job_evt.write(1)
         if not done.wait(LOOP_JOB_TIMEOUT):
-            log.error(
+            _log_loop_timeout.error(
                 "virtio-pci: the event loop did not run %s within %.0f s",
                 getattr(job, "__name__", "a job"),
                 LOOP_JOB_TIMEOUT,
@@ -697,7 +763,7 @@ class VirtioPciDevice:
             try:
                 job()
             except Exception:
-                log.exception("virtio-pci: loop job failed")
+                _log_loop_job.error("virtio-pci: loop job failed", exc_info=True)
 
     # -- notifications --------------------------------------------------------------------------
     def _notify_callback(self, index: int) -> Callable[[int], None]:
@@ -721,7 +787,7 @@ class VirtioPciDevice:
         try:
             self.device.process_queue(index)
         except Exception:
-            log.exception("virtio-pci: queue %d processing failed", index)
+            _log_queue.error("virtio-pci: queue %d processing failed", index, exc_info=True)
             self.set_needs_reset()
 
     def _mmio_notify(self, offset: int) -> None:
@@ -827,6 +893,7 @@ class VirtioPciDevice:
             self.config_generation = int(state["config_generation"]) & 0xFF
             self.config_changed = bool(state["config_changed"])
             self.isr = int(state["isr"]) & 0xFF
+            self._device_dirty = bool(self.status & (STATUS_FEATURES_OK | STATUS_DRIVER_OK))
             for q, qs in zip(self.queues, state["queues"], strict=True):
                 q.restore(qs)
             self._set_ioevent_base(self.bar_address or None)

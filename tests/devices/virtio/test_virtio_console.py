@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import struct
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -231,3 +232,126 @@ def test_state_round_trip(mem: GuestMemory, loop: EventLoop) -> None:
     assert received(mem, c, 7) == b"pending"
     dev.close()
     other.close()
+
+
+# -- hostile guests (issue 10) -------------------------------------------------------------------
+def test_emergency_write_through_the_transport_runs_on_the_loop_thread(tmp_path: Path) -> None:
+    from tests.pci.helpers import VIRTIO_PCI_CAP_DEVICE_CFG
+    from tests.pci.test_virtio_pci import Setup
+
+    out = tmp_path / "out"
+    dev = Console(output=str(out))
+    threads = []
+    emit = dev._emit
+
+    def recording(data: bytes | memoryview) -> None:
+        threads.append(threading.current_thread())
+        emit(data)
+
+    dev._emit = recording  # type: ignore[method-assign]
+    st = Setup(dev)  # type: ignore[arg-type]
+    st.loop.start()
+    try:
+        for ch in b"hi!":  # a vCPU (this thread) writes emerg_wr
+            st.driver.write(VIRTIO_PCI_CAP_DEVICE_CFG, 8, 4, ch)
+        assert out.read_bytes() == b"hi!"
+        assert threads == [st.loop.thread] * 3
+    finally:
+        st.loop.stop()
+        st.close()
+        dev.close()
+
+
+def test_transmit_chain_longer_than_the_cap_is_cut_and_counted(
+    mem: GuestMemory, loop: EventLoop, tmp_path: Path
+) -> None:
+    from strato.devices.virtio.console import MAX_CHAIN_OUTPUT
+
+    out = tmp_path / "out"
+    dev = Console(output=str(out))
+    drv = VirtioDriver(dev, mem)
+    drv.activate(loop)
+    page = (0x200000, 1 << 20)
+    drv[TX_QUEUE].add_chain([page] * 64, indirect=True)  # 64 MiB of one aliased MiB
+    drv.kick(TX_QUEUE)
+    assert out.stat().st_size == MAX_CHAIN_OUTPUT
+    assert dev.counters()["tx_dropped"] == (64 << 20) - MAX_CHAIN_OUTPUT
+    assert dev.counters()["tx_bytes"] == 64 << 20
+    dev.close()
+
+
+def test_many_small_buffers_are_one_write(
+    mem: GuestMemory, loop: EventLoop, tmp_path: Path
+) -> None:
+    out = tmp_path / "out"
+    dev = Console(output=str(out))
+    drv = VirtioDriver(dev, mem)
+    drv.activate(loop)
+    drv[TX_QUEUE].add_chain([bytes([0x41 + i % 26]) for i in range(200)], indirect=True)
+    drv.kick(TX_QUEUE)
+    assert out.read_bytes() == bytes(0x41 + i % 26 for i in range(200))
+    dev.close()
+
+
+def test_transmit_kick_yields_after_its_burst(mem: GuestMemory, loop: EventLoop) -> None:
+    from strato.devices.virtio.console import TX_BURST
+
+    dev = Console(queue_size=512)
+    drv = VirtioDriver(dev, mem)
+    drv.activate(loop)
+    tx = drv[TX_QUEUE]
+    for _ in range(TX_BURST + 44):
+        tx.add_chain([b"x"])
+    drv.kick(TX_QUEUE)
+    assert len(tx.get_used()) == TX_BURST  # the rest waits for the next loop turn
+    pump(loop, lambda: dev.counters()["tx_bytes"] == TX_BURST + 44)
+    assert len(tx.get_used()) == 44
+    dev.close()
+
+
+def test_receive_yields_after_its_burst(mem: GuestMemory, loop: EventLoop) -> None:
+    from strato.devices.virtio.console import RX_BURST
+
+    dev = Console(queue_size=512)
+    drv = VirtioDriver(dev, mem)
+    drv.activate(loop)
+    for _ in range(RX_BURST + 10):
+        drv[RX_QUEUE].add_chain([], [1])
+    dev.enqueue_input(b"y" * 1000)
+    drv.kick(RX_QUEUE)
+    assert len(drv[RX_QUEUE].get_used()) == RX_BURST
+    pump(loop, lambda: dev.counters()["rx_bytes"] == RX_BURST + 10)
+    dev.close()
+
+
+def test_failed_activation_leaves_nothing_behind(
+    mem: GuestMemory, loop: EventLoop, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    r, w = os.pipe()
+    dev = Console(input_fd=r)
+    live: set[int] = set()
+    register, unregister = loop.register, loop.unregister
+
+    def failing_register(fd: int, cb: Callable[[int], None], events: int = 1) -> None:
+        if fd == dev._in_fd:
+            raise OSError(12, "Cannot allocate memory")
+        register(fd, cb, events)
+        live.add(fd)
+
+    def tracking_unregister(fd: int) -> None:
+        unregister(fd)
+        live.discard(fd)
+
+    monkeypatch.setattr(loop, "register", failing_register)
+    monkeypatch.setattr(loop, "unregister", tracking_unregister)
+    with pytest.raises(OSError, match="Cannot allocate"):
+        VirtioDriver(dev, mem).activate(loop)
+    assert not dev.active and live == set()  # all or nothing
+    monkeypatch.setattr(loop, "register", register)
+    dev.reset()
+    VirtioDriver(dev, mem).activate(loop)
+    assert dev.active
+    dev.reset()
+    dev.close()
+    os.close(r)
+    os.close(w)

@@ -10,6 +10,9 @@ after the list has wrapped. Linux may also use port 0x80 as an I/O delay (`outb_
 writes land here too, which is why only the first of each code is logged at INFO.
 Reads return 0xff: Cloud Hypervisor leaves the read buffer untouched and logs an error; a port
 nobody drives reads as all ones on a PC.
+
+Hostile-guest budget: a write costs O(1) time and at most one `DebugPortEvent` in a list of
+`max_events` (4096 by default) plus one per distinct code (256); its log line is rate-limited.
 """
 
 from __future__ import annotations
@@ -22,9 +25,14 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from strato._sys.ratelog import RateLimitedLog
 from strato.devices.legacy._common import open_bus
 
 log = logging.getLogger(__name__)
+# Guest-triggerable log lines, rate-limited: the first of each code (at most 256 lines, but
+# in a burst) and every repeat (Linux may use port 0x80 as an I/O delay: thousands a second).
+_log_first = RateLimitedLog(log, burst=64)
+_log_repeat = RateLimitedLog(log)
 
 DEBUG_PORT = 0x80
 DEBUG_PORT_LEN = 1
@@ -99,7 +107,7 @@ class DebugPort:
         level = logging.INFO if first else logging.DEBUG
         if not log.isEnabledFor(level):
             return
-        log.log(
+        (_log_first if first else _log_repeat).log(
             level,
             "[Debug I/O port: %s code %#x] %d.%06d seconds",
             code_range(code),

@@ -14,6 +14,9 @@ not probe the aux port at all, which is also recommended here.
 
 Controller command replies do not raise IRQ 1 (the guest polls the status register for them);
 keyboard data does, when the command byte enables it.
+
+Hostile-guest budget: every port access costs O(1) time and no host memory beyond the
+`BUFFER_SIZE`-byte (16) output buffer; the log lines a guest can trigger are rate-limited.
 """
 
 from __future__ import annotations
@@ -24,10 +27,14 @@ from collections import deque
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from strato._sys.ratelog import RateLimitedLog
 from strato.devices.legacy._common import BYTE, bool_field, int_field, open_bus, u8_field
 from strato.interrupts import Trigger
 
 log = logging.getLogger(__name__)
+# Guest-triggerable log lines, each rate-limited (a guest must not flood the host log).
+_log_command = RateLimitedLog(log)
+_log_reset = RateLimitedLog(log)
 
 I8042_PORT = 0x60
 I8042_PORT_LEN = 5  # 0x60..0x64
@@ -260,7 +267,7 @@ class I8042:
         elif cmd >= 0xF0:
             return not cmd & OUTP_RESET  # pulse output lines; bit 0 clear pulses reset
         else:
-            log.debug("i8042: ignoring command %#04x", cmd)
+            _log_command.log(logging.DEBUG, "i8042: ignoring command %#04x", cmd)
         return False
 
     def _write_data(self, value: int) -> bool:
@@ -338,7 +345,7 @@ class I8042:
 
     def _reset(self) -> None:
         self.resets += 1
-        log.info("i8042: guest pulsed the reset line")
+        _log_reset.log(logging.INFO, "i8042: guest pulsed the reset line")
         if self._on_reset is not None:
             self._on_reset()
 

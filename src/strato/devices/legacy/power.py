@@ -12,6 +12,9 @@ it had woken at once. WAK_STS is cleared by writing it (write-1-to-clear).
 
 AcpiPmTimer is Cloud Hypervisor's PM timer at port 0x608: a free-running 32-bit counter at
 3.579545 MHz (the FADT sets TMR_VAL_EXT).
+
+Hostile-guest budget: every register access costs O(1) time and no host memory; the log lines
+a guest can trigger (reset, power off, unsupported sleep types) are rate-limited.
 """
 
 from __future__ import annotations
@@ -22,9 +25,14 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from strato._sys.ratelog import RateLimitedLog
 from strato.devices.legacy._common import BYTE, bool_field, int_field, open_bus
 
 log = logging.getLogger(__name__)
+# Guest-triggerable log lines, each rate-limited (a guest must not flood the host log).
+_log_reset = RateLimitedLog(log)
+_log_sleep = RateLimitedLog(log)
+_log_poweroff = RateLimitedLog(log)
 
 ACPI_SHUTDOWN_PORT = 0x600
 ACPI_SHUTDOWN_PORT_LEN = 4  # Cloud Hypervisor maps 4 ports (and reserves 8)
@@ -74,7 +82,7 @@ class AcpiShutdown:
             return
         value = data[0]
         if value == RESET_VALUE:
-            log.info("acpi: guest requested reset")
+            _log_reset.log(logging.INFO, "acpi: guest requested reset")
             if self._on_reset is not None:
                 self._on_reset()
             return
@@ -85,10 +93,12 @@ class AcpiShutdown:
                 return
             sleep_type = (value & SLP_TYP_MASK) >> SLP_TYP_SHIFT
             if sleep_type != S5_SLP_TYP:
-                log.warning("acpi: sleep type %d is not supported; waking at once", sleep_type)
+                _log_sleep.warning(
+                    "acpi: sleep type %d is not supported; waking at once", sleep_type
+                )
                 self.wake_status = True
                 return
-        log.info("acpi: guest requested power off (S5)")
+        _log_poweroff.log(logging.INFO, "acpi: guest requested power off (S5)")
         if self._on_poweroff is not None:
             self._on_poweroff()
 

@@ -15,6 +15,9 @@ between 16 MiB and 4 GiB in 64 KiB units, 0x5b-0x5d memory above 4 GiB in 64 KiB
 Bit 7 of an index write (NMI disable) selects nothing: the index is the low 7 bits. It is only
 remembered for Cloud Hypervisor's reset quirk: writing 0 to register 0x0F through index 0x8F
 (Linux's `machine_real_restart`) calls `on_reset`, if given.
+
+Hostile-guest budget: every port access costs O(1) time and no host memory beyond the 128-byte
+CMOS array; the log lines a guest can trigger are rate-limited.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from strato._sys.ratelog import RateLimitedLog
 from strato.devices.legacy._common import (
     BYTE,
     bool_field,
@@ -35,6 +39,9 @@ from strato.devices.legacy._common import (
 )
 
 log = logging.getLogger(__name__)
+# Guest-triggerable log lines, each rate-limited (a guest must not flood the host log).
+_log_reset = RateLimitedLog(log)
+_log_invalid = RateLimitedLog(log)
 
 RTC_PORT = 0x70
 RTC_PORT_LEN = 2
@@ -240,7 +247,7 @@ class CmosRtc:
                 if not reset:
                     self._write_register(self.index, value)
         if reset and self._on_reset is not None:
-            log.info("cmos: reset requested through the shutdown status byte")
+            _log_reset.log(logging.INFO, "cmos: reset requested through the shutdown status byte")
             self._on_reset()
 
     # -- time ----------------------------------------------------------------------------
@@ -340,7 +347,9 @@ class CmosRtc:
         }
         lo, hi = limits[reg]
         if decoded is None or not lo <= decoded <= hi:
-            log.debug("cmos: ignoring invalid value %#04x for register %#04x", value, reg)
+            _log_invalid.log(
+                logging.DEBUG, "cmos: ignoring invalid value %#04x for register %#04x", value, reg
+            )
             return
         fields = dict(self._current_fields())
         if reg == REG_YEAR:

@@ -17,6 +17,10 @@ trigger's line follows "any enabled source pending" instead.
 Threads: the vCPU threads call read/write, an input thread calls enqueue_input; one lock guards
 the registers. Output and watchers run after the lock is released, so a watcher may call back
 into the device (for example to type a reply to a prompt).
+
+Hostile-guest budget: every register access costs O(1) time; host memory is the `FIFO_SIZE`
+(64) byte receive FIFO, and transmitted bytes go straight to the output sink (which bounds its
+own buffer). The watcher-failure log line is rate-limited.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from collections import deque
 from collections.abc import Callable, Mapping
 from typing import Any, cast
 
+from strato._sys.ratelog import RateLimitedLog
 from strato.devices.legacy._common import (
     BYTE,
     bool_field,
@@ -63,6 +68,8 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+# Guest-triggerable (the guest's output reaches the watchers): rate-limited.
+_log_watcher = RateLimitedLog(log)
 
 COM1_PORT = 0x3F8
 COM1_IRQ = 4
@@ -437,5 +444,5 @@ class Serial:
             try:
                 watcher(data)
             except Exception:
-                log.exception("serial watcher %r failed; removing it", watcher)
+                _log_watcher.error("serial watcher %r failed; removing it", watcher, exc_info=True)
                 self.remove_watcher(watcher)

@@ -5,6 +5,22 @@ the guest's bytes are copied into a bounded buffer and its buffers returned at o
 is written out non-blocking, and what does not fit while the sink is slow is dropped and counted.
 Input comes from a readable fd (a tty) and/or `enqueue_input()`, through a bounded buffer; when
 that buffer is full the fd is no longer read (back-pressure rather than loss).
+
+Threads: everything here runs on the event loop thread, including the emergency write (the
+transport runs device-config writes as loop jobs); only `enqueue_input()` may be called from
+any thread (it takes `_in_lock` and wakes the loop).
+
+Hostile-guest budget, whatever the guest declares:
+- memory per request: nothing in proportion to the guest's lengths. Output is written from
+  the guest's buffers (zero-copy) and at most `output_limit` bytes wait in the output buffer;
+  at most `MAX_CHAIN_OUTPUT` bytes of one transmit chain are taken, the rest is dropped and
+  counted (Linux's driver sends at most 32 KiB per buffer). Input waits in a buffer of at most
+  `input_limit` bytes.
+- loop time per kick: at most `TX_BURST` transmit chains, `TX_BYTES_PER_KICK` bytes written
+  to the sink (one write per chain, gathered in a fixed `MAX_CHAIN_OUTPUT`-byte scratch
+  buffer), at most `RX_BURST` receive chains, and chains of `BUFFERS_PER_KICK` descriptors in
+  all (plus the last chain, which the virtqueue bounds); the rest of the ring waits for the
+  next loop iteration (the wake eventfd), so other devices get their turn.
 """
 
 from __future__ import annotations
@@ -17,15 +33,23 @@ import threading
 from typing import Any
 
 from strato._sys import EventFd
+from strato._sys.files import open_private
 from strato.devices.virtio.base import VirtioDeviceBase
 from strato.virtio.device import TYPE_CONSOLE
-from strato.virtio.queue import ChainError, DescriptorChain
+from strato.virtio.queue import ChainError
 
 VIRTIO_CONSOLE_F_SIZE = 0
 VIRTIO_CONSOLE_F_EMERG_WRITE = 2
 
 RX_QUEUE = 0
 TX_QUEUE = 1
+TX_BURST = 256  # transmit chains per kick
+RX_BURST = 256  # receive chains per wakeup
+TX_BYTES_PER_KICK = 1 << 20  # bytes written to the sink per kick before yielding
+MAX_CHAIN_OUTPUT = 64 * 1024  # bytes taken from one transmit chain; the rest is dropped
+# Guest buffers (descriptors) handled per kick, whatever the chain count: a chain costs loop
+# time in proportion to its descriptors.
+BUFFERS_PER_KICK = 2048
 
 _CONFIG = struct.Struct("<HHII")  # cols, rows, max_nr_ports, emerg_wr
 _EMERG_WR_OFFSET = 8
@@ -72,9 +96,7 @@ class Console(VirtioDeviceBase):
         self._out_fd = -1
         self._out_regular = False
         if isinstance(output, str):
-            self._out_fd = os.open(
-                output, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC | os.O_NONBLOCK, 0o644
-            )
+            self._out_fd = open_private(output, os.O_WRONLY | os.O_APPEND | os.O_NONBLOCK)
         elif output is not None:
             self._out_fd = _reopen(output, os.O_WRONLY)
         if self._out_fd >= 0:
@@ -88,9 +110,12 @@ class Console(VirtioDeviceBase):
         self._in_lock = threading.Lock()
         self._in_watched = False
         self._wake = EventFd()
+        self._more_tx = False  # a kick left transmit chains for the next loop iteration
+        self._tx_scratch = memoryview(bytearray(MAX_CHAIN_OUTPUT))
         self.stats = {"tx_bytes": 0, "rx_bytes": 0, "tx_dropped": 0, "rx_dropped": 0}
 
     def close(self) -> None:
+        super().close()
         for fd in (self._out_fd, self._in_fd):
             if fd >= 0:
                 os.close(fd)
@@ -116,31 +141,103 @@ class Console(VirtioDeviceBase):
 
     # -- lifecycle ---------------------------------------------------------------------------
     def _on_activate(self) -> None:
-        self._register(self._wake.fd, self._on_wake, select.EPOLLIN)
-        if self._in_fd >= 0:
-            self._register(self._in_fd, self._on_input, select.EPOLLIN)
-            self._in_watched = True
-        if self._out:
-            self._flush()
-        if self._in:
-            self._wake.write(1)
+        # All or nothing: a failure part way leaves nothing registered and the device inactive.
+        try:
+            self._more_tx = False
+            self._register(self._wake.fd, self._on_wake, select.EPOLLIN)
+            if self._in_fd >= 0:
+                self._register(self._in_fd, self._on_input, select.EPOLLIN)
+                self._in_watched = True
+            if self._out:
+                self._flush()
+            if self._in:
+                self._wake.write(1)
+        except BaseException:
+            self._stop()
+            raise
 
     def _on_reset(self) -> None:
         self._out_watched = False
         self._in_watched = False
+        self._more_tx = False
 
     def _process(self, queue_index: int) -> None:
         if queue_index == TX_QUEUE:
-            self._drain(TX_QUEUE, self._transmit)
-            self._flush()
+            self._transmit_all()
         elif queue_index == RX_QUEUE:
             self._deliver()
 
+    def _later(self) -> None:
+        """Come back on the next loop iteration (the kick's budget is spent)."""
+        self._wake.write(1)
+
     # -- output ------------------------------------------------------------------------------
-    def _transmit(self, chain: DescriptorChain) -> int:
-        for v in chain.readable_views():
-            self._emit(v)
-        return 0
+    def _transmit_all(self) -> None:
+        """Take up to TX_BURST chains / TX_BYTES_PER_KICK bytes from the transmit queue."""
+        self._more_tx = False
+        if self.broken[TX_QUEUE]:
+            return
+        q = self.queues[TX_QUEUE]
+        mem = self.mem
+        assert mem is not None
+        chains = 0
+        written = 0
+        buffers = 0
+        try:
+            while True:
+                q.disable_notification(mem)
+                while (chain := q.pop(mem)) is not None:
+                    if (
+                        chains >= TX_BURST
+                        or written >= TX_BYTES_PER_KICK
+                        or buffers >= BUFFERS_PER_KICK
+                    ):
+                        q.undo_pop()
+                        self._more_tx = True
+                        self._later()
+                        return
+                    try:
+                        buffers += len(chain.descriptors)
+                        written += self._transmit(chain.readable_views())
+                    except ChainError as e:
+                        self._log.warning("%s: bad transmit chain: %s", self.name, e)
+                    q.add_used(mem, chain.head_index, 0)
+                    chains += 1
+                if not q.enable_notification(mem):
+                    break
+        finally:
+            if chains:
+                self._notify(TX_QUEUE)
+            self._flush()
+
+    def _transmit(self, views: list[memoryview]) -> int:
+        """Emit one chain's bytes (at most MAX_CHAIN_OUTPUT); returns how many were taken."""
+        if len(views) == 1 and len(views[0]) <= MAX_CHAIN_OUTPUT:  # the usual: one buffer
+            self._emit(views[0])
+            return len(views[0])
+        scratch = self._tx_scratch  # gathered, so one chain is one write to the sink
+        pos = 0
+        dropped = 0
+        for v in views:
+            n = len(v)
+            if pos == MAX_CHAIN_OUTPUT:
+                dropped += n
+                continue
+            take = min(n, MAX_CHAIN_OUTPUT - pos)
+            scratch[pos : pos + take] = v[:take] if take < n else v
+            pos += take
+            dropped += n - take
+        if pos:
+            self._emit(scratch[:pos])
+        if dropped:
+            self.stats["tx_bytes"] += dropped
+            self.stats["tx_dropped"] += dropped
+            self._log.warning(
+                "%s: transmit chain longer than %d bytes; the rest dropped",
+                self.name,
+                MAX_CHAIN_OUTPUT,
+            )
+        return pos
 
     def _emit(self, data: bytes | memoryview) -> None:
         self.stats["tx_bytes"] += len(data)
@@ -203,6 +300,8 @@ class Console(VirtioDeviceBase):
 
     def _on_wake(self, mask: int) -> None:
         self._wake.read()
+        if self._more_tx:
+            self._transmit_all()
         self._deliver()
 
     def _on_input(self, mask: int) -> None:
@@ -243,8 +342,12 @@ class Console(VirtioDeviceBase):
         if self.broken[RX_QUEUE]:
             return
         used = 0
+        buffers = 0
         try:
             while self._in:
+                if used >= RX_BURST or buffers >= BUFFERS_PER_KICK:
+                    self._later()  # _on_wake delivers the rest
+                    break
                 chain = q.pop(mem)
                 if chain is None:
                     if q.enable_notification(mem):
@@ -252,6 +355,7 @@ class Console(VirtioDeviceBase):
                     break
                 written = 0
                 try:
+                    buffers += len(chain.descriptors)
                     writer = chain.writer()
                     with self._in_lock:
                         written = min(writer.remaining, len(self._in))
