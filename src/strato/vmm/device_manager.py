@@ -10,7 +10,7 @@ from typing import Any
 
 from strato.boot.acpi import constants as acpi
 from strato.devices.backends.raw import DiskError, RawFile
-from strato.devices.backends.tap import Tap, TapError
+from strato.devices.backends.tap import TapError, open_tap
 from strato.devices.legacy.ged import AcpiGed
 from strato.devices.legacy.power import AcpiPmTimer, AcpiShutdown
 from strato.devices.rate_limiter import rate_limiter_from
@@ -107,20 +107,35 @@ class DeviceManager:
             self._closers.append(dev)  # its rate limiter's timer
             self.add_virtio("disk", dev, d.id or f"_disk{i}")
         for i, n in enumerate(config.net):
-            if n.tap is None:
-                raise ConfigError("--net: tap=NAME is required (strato does not create taps yet)")
+            where = f"--net tap={n.tap}" if n.tap is not None else "--net"
+            if n.num_queues < 2 or n.num_queues % 2:
+                raise ConfigError(
+                    f"--net num_queues={n.num_queues}: must be even (one rx and one tx per pair)"
+                )
             try:
-                tap = Tap(n.tap)
+                # One tap fd per queue pair (IFF_MULTI_QUEUE when there are several); a
+                # missing tap is created (and goes away with the VM: a reboot creates it again).
+                taps = open_tap(
+                    n.tap,
+                    n.num_queues // 2,
+                    ip=n.ip,
+                    mask=n.mask,
+                    host_mac=n.host_mac,
+                    mtu=n.mtu,
+                )
             except TapError as e:
-                raise ConfigError(f"--net tap={n.tap}: {e}") from None
-            self._closers.append(tap)
-            net = Net(
-                tap,
-                mac=n.mac,
-                queue_size=n.queue_size,
-                rx_rate_limiter=rate_limiter_from(n.rate_limiter),
-                tx_rate_limiter=rate_limiter_from(n.rate_limiter),
-            )
+                raise ConfigError(f"{where}: {e.strerror}") from None
+            self._closers.extend(taps)
+            try:
+                net = Net(
+                    taps,
+                    mac=n.mac,
+                    queue_size=n.queue_size,
+                    rx_rate_limiter=rate_limiter_from(n.rate_limiter),
+                    tx_rate_limiter=rate_limiter_from(n.rate_limiter),
+                )
+            except TapError as e:  # detaching the queues of the pairs not yet in use
+                raise ConfigError(f"{where}: {e.strerror}") from None
             self._closers.append(net)  # its rate limiters' timers
             self.add_virtio("net", net, n.id or f"_net{i}")
         if config.rng is not None:
