@@ -37,7 +37,9 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--kernel", metavar="PATH", help="kernel: bzImage or ELF vmlinux with PVH entry")
     p.add_argument("--initramfs", metavar="PATH", help="initramfs (cpio archive)")
     p.add_argument("--cmdline", metavar="STRING", help="kernel command line")
-    p.add_argument("--firmware", metavar="PATH", help="firmware (not yet supported)")
+    p.add_argument(
+        "--firmware", metavar="PATH", help="firmware: not supported yet (refused; use --kernel)"
+    )
     p.add_argument("--cpus", default="boot=1", metavar="boot=N[,max=N]", help="vCPUs (boot=1)")
     p.add_argument(
         "--memory", default="size=512M", metavar="size=SIZE[,shared=on]", help="RAM (size=512M)"
@@ -70,7 +72,11 @@ def build_parser() -> ArgumentParser:
     )
     p.add_argument("--rng", metavar="src=PATH", help="a virtio-rng device")
     p.add_argument("--api-socket", metavar="path=PATH|fd=N", help="serve the REST API")
-    p.add_argument("--event-monitor", metavar="path=PATH|fd=N", help="write JSON events")
+    p.add_argument(
+        "--event-monitor",
+        metavar="path=PATH|fd=N",
+        help="write Cloud Hypervisor's JSON events (vm booted, shutdown, reboot, ...)",
+    )
     p.add_argument(
         "--seccomp",
         default="true",
@@ -79,8 +85,12 @@ def build_parser() -> ArgumentParser:
     )
     p.add_argument(
         "--landlock",
-        action="store_true",
-        help="restrict strato's file access to the paths of its configuration (landlock)",
+        nargs="?",
+        const="on",
+        choices=["on", "off"],
+        metavar="on|off",
+        help="restrict strato's file access to its configuration's paths (landlock): on by "
+        "default without --api-socket where the kernel has it; opt-in with --api-socket",
     )
     p.add_argument(
         "--landlock-rules",
@@ -98,7 +108,9 @@ def build_parser() -> ArgumentParser:
     p.add_argument(
         "--no-reboot", action="store_true", help="exit instead of rebooting when the guest resets"
     )
-    p.add_argument("--log-file", metavar="PATH", help="write the log here instead of stderr")
+    p.add_argument(
+        "--log-file", metavar="PATH", help="append strato's log to PATH instead of stderr"
+    )
     p.add_argument(
         "-v", action="count", default=0, dest="verbose", help="more log output (repeatable)"
     )
@@ -134,10 +146,10 @@ def config_from_args(ns: argparse.Namespace) -> VmConfig:
         console=console,
         disks=tuple(options.parse_disk(d) for d in ns.disk),
         net=tuple(options.parse_net(n) for n in ns.net),
-        rng=options.parse_rng(ns.rng) if ns.rng else None,
+        rng=options.parse_rng(ns.rng) if ns.rng is not None else None,
         no_reboot=ns.no_reboot,
         seccomp=ns.seccomp,
-        landlock=ns.landlock,
+        landlock=ns.landlock == "on",
         landlock_rules=tuple(parse_landlock_rule(r) for r in ns.landlock_rules),
     )
     return cfg

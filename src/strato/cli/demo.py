@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 from strato.vmm.platform import kvm_emulates_kernel_mode
+from strato.vmm.stop import StopSignals
 
 LINUX_CMDLINE = "console=ttyS0 slub_debug=F reboot=k panic=1 i8042.noaux"
 CONSOLE_ENABLED = b"printk: console [ttyS0] enabled"
@@ -32,7 +33,11 @@ def main(argv: list[str] | None = None) -> int:
     from strato.cli.main import setup_logging
 
     setup_logging(0, None)
-    return linux_demo() if ns.linux else builtin_demo()
+    try:
+        return linux_demo() if ns.linux else builtin_demo()
+    finally:
+        if argv is None:  # the command: its status is decided; no death by signal on exit
+            StopSignals.ignore_from_now()
 
 
 def builtin_demo() -> int:

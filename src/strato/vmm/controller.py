@@ -24,6 +24,7 @@ import os
 import queue
 import threading
 from collections.abc import Callable
+from dataclasses import replace
 from functools import partial
 from typing import Any, Protocol
 
@@ -32,7 +33,7 @@ from strato._sys.eventfd import EventFd
 from strato.vmm.config import ConfigError, ConsoleMode, VmConfig
 from strato.vmm.config_json import vm_config_to_json
 from strato.vmm.events import EventSink, NullEventMonitor
-from strato.vmm.stop import EXIT_OK, Stop, StopReason
+from strato.vmm.stop import EXIT_OK, Reboots, Stop, StopReason
 from strato.vmm.vcpu import install_kick_handler
 from strato.vmm.vm import InvalidStateTransition, VmState
 
@@ -143,6 +144,9 @@ class VmmController:
     `on_vm_start(vm)` runs on the VMM thread after each boot (reboots included), for what
     goes with a running VM (the terminal input pump); the function it returns, if any, runs
     before that VM is shut down. `events` (closed by close()) receives the event stream.
+    `seccomp` ("true", "log", "false"; None: each config's own) is the VMM's `--seccomp`: as
+    in Cloud Hypervisor it is the VMM's setting, so it replaces that of every created config
+    (a `vm.create` body has no such field).
     """
 
     def __init__(
@@ -153,8 +157,10 @@ class VmmController:
         no_shutdown: bool = False,
         on_vm_start: Callable[[ManagedVm], Callable[[], None] | None] | None = None,
         version: str = __version__,
+        seccomp: str | None = None,
     ) -> None:
         self._factory: VmFactory = vm_factory or _default_factory()
+        self.seccomp = seccomp  # the VMM's --seccomp: every created VM's threads get it
         self._on_vm_start = on_vm_start
         self._vm_cleanup: Callable[[], None] | None = None
         self.events: EventSink = events or NullEventMonitor()
@@ -174,6 +180,7 @@ class VmmController:
         self._exit_requested = False
         self.exit_stop: Stop | None = None  # the guest stop that ended the VMM, if one did
         self.guest_stop: Stop | None = None  # why the last VM stopped by itself
+        self.reboots = Reboots()  # guest resets that rebooted the VM (vm.info "reboots")
         install_kick_handler()
 
     # -- life of the VMM thread ----------------------------------------------------------------
@@ -353,6 +360,8 @@ class VmmController:
             raise VmmError(
                 INTERNAL_ERROR, what, f"VM is already created (the VM is {self._state_name()})"
             )
+        if self.seccomp is not None and config.seccomp != self.seccomp:
+            config = replace(config, seccomp=self.seccomp)
         try:
             config.validate()
         except ConfigError as e:
@@ -459,6 +468,7 @@ class VmmController:
             "config": vm_config_to_json(self._config),
             "state": self._state.value,
             "memory_actual_size": self._config.memory.size,
+            "reboots": self.reboots.count,
         }
         if self._vm is not None:
             info["device_tree"] = self._device_tree(self._vm, self._config)
@@ -495,12 +505,15 @@ class VmmController:
         if stop.reason is StopReason.GUEST_PANIC:
             self.events.emit("guest", "panic", {"event": "panicked"})
         if stop.reason is StopReason.RESET and not self._config.no_reboot:
-            try:
-                self._reboot()
-            except VmmError as e:
-                log.error("the guest asked for a reset and the reboot failed: %s", e)
-                self._state = VmState.SHUTDOWN
-            return
+            give_up = self.reboots.next()  # counted and logged; past the limit, the stop
+            if give_up is None:
+                try:
+                    self._reboot()
+                except VmmError as e:
+                    log.error("the guest asked for a reset and the reboot failed: %s", e)
+                    self._state = VmState.SHUTDOWN
+                return
+            stop = give_up
         self._stop_vm()
         self._state = VmState.SHUTDOWN
         self.events.emit("vm", "shutdown", {"reason": stop.reason.value, "message": stop.message})

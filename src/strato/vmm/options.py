@@ -27,6 +27,7 @@ from strato.vmm.config import (
 T = TypeVar("T")
 
 _SIZE = re.compile(r"^(\d+)([KMGT]?)$")
+SIZE_EXAMPLES = "512M, 1G, 65536K"  # each one a valid --memory size (tests/cli check it)
 _MAC = re.compile(r"^([0-9a-fA-F]{2}:){5}[0-9a-fA-F]{2}$")
 
 
@@ -54,7 +55,7 @@ def split_options(option: str, value: str, known: tuple[str, ...]) -> dict[str, 
 def parse_size(option: str, key: str, value: str) -> int:
     m = _SIZE.match(value)
     if not m or len(m.group(1)) > 20:
-        raise ConfigError(f"--{option} {key}={value}: not a size (examples: 512M, 1G, 4096)")
+        raise ConfigError(f"--{option} {key}={value}: not a size (examples: {SIZE_EXAMPLES})")
     n = int(m.group(1))
     return n << {"": 0, "K": 10, "M": 20, "G": 30, "T": 40}[m.group(2)]
 
@@ -218,5 +219,12 @@ def parse_net(value: str) -> NetConfig:
 
 
 def parse_rng(value: str) -> RngConfig:
+    """`src=PATH` (default /dev/urandom). An empty value is an error, not "no device"."""
+    if value.strip() == "":
+        raise ConfigError(
+            f"--rng {value!r}: empty value (expected src=PATH, e.g. src=/dev/urandom)"
+        )
     d = split_options("rng", value, ("src", "iommu"))
+    if "src" in d and not d["src"]:
+        raise ConfigError("--rng src=: a path is required (e.g. src=/dev/urandom)")
     return RngConfig(src=Path(d.get("src", "/dev/urandom")))

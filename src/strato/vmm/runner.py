@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import signal
@@ -14,13 +15,16 @@ from typing import Any
 from strato.devices.legacy.serial_output import OutputLike
 from strato.vmm.builder import BootTimes, VmBuilder
 from strato.vmm.config import ConsoleMode, VmConfig
+from strato.vmm.events import EventSink, NullEventMonitor
 from strato.vmm.platform import warn_if_emulated
-from strato.vmm.stop import Stop, StopReason
+from strato.vmm.stop import MAX_REBOOTS, Reboots, Stop, StopReason, StopSignals
 from strato.vmm.vm import Vm
 
 log = logging.getLogger(__name__)
 
-MAX_REBOOTS = 1000  # a guest that resets forever is stopped eventually
+__all__ = ["MAX_REBOOTS", "TerminalInput", "run", "terminal_input"]
+
+WAIT_SLICE = 0.2  # seconds: how often the main thread looks at a received SIGTERM/SIGINT
 
 
 def run(
@@ -30,54 +34,82 @@ def run(
     on_started: Callable[[Vm], None] | None = None,
     timeout: float | None = None,
     handle_signals: bool = False,
+    signals: StopSignals | None = None,
+    events: EventSink | None = None,
+    max_reboots: int = MAX_REBOOTS,
 ) -> Stop:
     """Boot `config` and wait for the guest to stop. A guest reset boots it again unless
-    `config.no_reboot`. Returns the final Stop (its `exit_status` is the command's)."""
+    `config.no_reboot`, at most `max_reboots` times. Returns the final Stop (its
+    `exit_status` is the command's; `reboots` counts the reboots before it).
+
+    SIGTERM and SIGINT stop the VM when `signals` is given (installed by the caller) or
+    `handle_signals` is true (installed here; main thread only). `events` receives Cloud
+    Hypervisor's events (vm booting/booted/rebooting/rebooted/shutdown)."""
+    if signals is None and handle_signals and threading.current_thread() is threading.main_thread():
+        signals = StopSignals()
+        signals.install()
     warn_if_emulated()
     if threading.current_thread() is threading.main_thread():
         # A disk write past RLIMIT_FSIZE must fail with EFBIG (an I/O error for the guest),
         # not kill the VMM (CPython ignores SIGXFSZ already; an embedder may not).
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    reboots = Reboots(max_reboots)
+    sink = events if events is not None else NullEventMonitor()
     builder = VmBuilder(serial_out)
     try:
-        return _run(config, builder, on_started, timeout, handle_signals)
+        stop = _run(config, builder, _Run(on_started, timeout, signals, sink, reboots))
     finally:
         builder.close()
+    if reboots.count:
+        log.info("the guest rebooted %d times", reboots.count)
+    if stop.reason is StopReason.GUEST_PANIC:
+        sink.emit("guest", "panic", {"event": "panicked"})
+    sink.emit("vm", "shutdown", {"reason": stop.reason.value, "message": stop.message})
+    return dataclasses.replace(stop, reboots=reboots.count)
 
 
-def _run(
-    config: VmConfig,
-    builder: VmBuilder,
-    on_started: Callable[[Vm], None] | None,
-    timeout: float | None,
-    handle_signals: bool,
-) -> Stop:
-    for _ in range(MAX_REBOOTS):
+@dataclasses.dataclass
+class _Run:
+    on_started: Callable[[Vm], None] | None
+    timeout: float | None
+    signals: StopSignals | None
+    events: EventSink
+    reboots: Reboots
+
+    def signalled(self) -> Stop | None:
+        return self.signals.stop if self.signals is not None else None
+
+
+def _run(config: VmConfig, builder: VmBuilder, r: _Run) -> Stop:
+    rebooting = False
+    while True:
+        early = r.signalled()
+        if early is not None:
+            return early  # a signal before this boot: do not start the guest at all
+        r.events.emit("vm", "rebooting" if rebooting else "booting")
         times = BootTimes()
         vm = builder(config, times=times)
         stdin_pump = None
         try:
             vm.start()
             times.mark("first KVM_RUN")
+            r.events.emit("vm", "rebooted" if rebooting else "booted")
             if log.isEnabledFor(logging.INFO):  # the report reads /proc: only when shown
                 log.info("boot steps: %s", times.report())
-            if on_started is not None:
-                on_started(vm)
+            if r.on_started is not None:
+                r.on_started(vm)
             stdin_pump = terminal_input(config, vm)
-            if handle_signals:
-                _stop_on_signals(vm)
-            stop = _wait(vm, timeout)
-            if stop is None:
-                stop = Stop(StopReason.REQUESTED, f"timed out after {timeout} s")
+            stop = _wait(vm, r)
         finally:
             if stdin_pump is not None:
                 stdin_pump.stop()
             vm.shutdown()
-        if stop.reason is StopReason.RESET and not config.no_reboot:
-            log.info("rebooting")
-            continue
-        return stop
-    return Stop(StopReason.VMM_ERROR, f"the guest reset {MAX_REBOOTS} times; giving up")
+        if stop.reason is not StopReason.RESET or config.no_reboot:
+            return stop
+        give_up = r.reboots.next()
+        if give_up is not None:
+            return give_up
+        rebooting = True
 
 
 def terminal_input(config: VmConfig, vm: Any) -> TerminalInput | None:
@@ -96,24 +128,22 @@ def terminal_input(config: VmConfig, vm: Any) -> TerminalInput | None:
     return pump
 
 
-def _stop_on_signals(vm: Vm) -> None:
-    """SIGTERM and SIGINT stop the VM cleanly (only possible on the main thread)."""
-
-    def handler(signum: int, frame: object) -> None:
-        name = signal.Signals(signum).name
-        vm.request_stop(Stop(StopReason.REQUESTED, f"stopped by {name}"))
-
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, handler)
-
-
-def _wait(vm: Vm, timeout: float | None) -> Stop | None:
-    # Wait in slices so that signal handlers run promptly on the main thread.
-    deadline = None if timeout is None else time.monotonic() + timeout
+def _wait(vm: Vm, r: _Run) -> Stop:
+    """Wait for the VM to stop, in slices, so that a signal is acted on (from here, not from
+    the handler) within WAIT_SLICE. The first stop wins: a guest that stopped on its own
+    before the signal keeps its reason and status."""
+    deadline = None if r.timeout is None else time.monotonic() + r.timeout
     while True:
-        step = 0.5 if deadline is None else min(0.5, deadline - time.monotonic())
-        if step <= 0:
-            return None
+        signalled = r.signalled()
+        if signalled is not None:
+            vm.request_stop(signalled)
+        elif deadline is not None and time.monotonic() >= deadline:
+            vm.request_stop(Stop(StopReason.REQUESTED, f"timed out after {r.timeout} s"))
+        step = (
+            WAIT_SLICE
+            if deadline is None
+            else max(0.0, min(WAIT_SLICE, deadline - time.monotonic()))
+        )
         stop = vm.wait(step)
         if stop is not None:
             return stop
