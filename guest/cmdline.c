@@ -1,8 +1,11 @@
 /*
  * Command line: space-separated words.
- *   tests=serial,pci,blk,net,rng,console,irq,smp   (default: all that find a device)
+ *   tests=serial,pci,blk,net,rng,console,irq,smp   (default: all that find a device, but
+ *                                                    not those that wait for the host)
+ *   tests=power|reboot|highmem                      (only when named)
  *   bench=NAME[,key=value...]                       (repeatable)
  *   irq=msix|poll  cpus=N  timeout=MS  host-timeout=MS  net-rx=N  bar64=ADDR  verbose=1
+ *   host=1 (the host answers READY lines)  end=poweroff|reset (how a passing run ends)
  *   fault=pf|ud                                     (raise an exception on purpose)
  *   qd= bs= seconds= ops= size= indirect= region= port= addr=  (defaults for every bench)
  */
@@ -82,6 +85,20 @@ static void parse_bench(char *spec)
 	}
 }
 
+/* The words this guest reads (other words come from a boot loader or a VMM's default). */
+static bool own_word(const char *key)
+{
+	static const char *const keys[] = {
+		"tests", "bench", "irq", "cpus", "timeout", "host-timeout", "net-rx", "fault",
+		"bar64", "verbose", "host", "end", "qd", "bs", "seconds", "ops", "size",
+		"indirect", "region", "port", "addr",
+	};
+	for (usize i = 0; i < ARRAY_SIZE(keys); i++)
+		if (!strcmp(key, keys[i]))
+			return true;
+	return false;
+}
+
 void cmdline_parse(const char *cmdline)
 {
 	cfg.irq_msix = true;
@@ -89,6 +106,7 @@ void cmdline_parse(const char *cmdline)
 	cfg.host_timeout_ms = 20000;
 	cfg.net_rx_frames = 4;
 	snprintf(cfg.cmdline, sizeof(cfg.cmdline), "%s", cmdline ? cmdline : "");
+	bool own_words = false, end_given = false;
 
 	/* Bench defaults given as separate words apply to every bench, wherever they stand. */
 	static char copy[1024];
@@ -110,6 +128,7 @@ void cmdline_parse(const char *cmdline)
 				continue; /* words from a boot loader, not ours */
 			if (pass == 0) {
 				bench_param(&bench_defaults, word, val);
+				own_words |= own_word(word);
 				continue;
 			}
 			u64 v;
@@ -137,11 +156,24 @@ void cmdline_parse(const char *cmdline)
 				snprintf(cfg.fault, sizeof(cfg.fault), "%s", val);
 			} else if (!strcmp(word, "bar64") && parse_u64(val, &v)) {
 				cfg.bar64 = v;
+			} else if (!strcmp(word, "end")) {
+				end_given = true;
+				if (!strcmp(val, "poweroff") || !strcmp(val, "reset"))
+					cfg.end_poweroff = !strcmp(val, "poweroff");
+				else
+					printf("WARN end=%s: expected poweroff or reset\n", val);
+			} else if (!strcmp(word, "host") && parse_u64(val, &v)) {
+				cfg.host_answers = v != 0;
 			} else if (!strcmp(word, "verbose") && parse_u64(val, &v)) {
 				cfg.verbose = v != 0;
 			}
 		}
 	}
+	/* Run by hand without a word of ours (strato passes its default kernel command line), a
+	 * passing run powers off: a VMM that reboots on a reset (strato's default) would otherwise
+	 * run the checks again forever. */
+	if (!end_given)
+		cfg.end_poweroff = !own_words;
 	/* With benchmarks and no tests= the run is benchmarks only. */
 	if (cfg.nbench && !cfg.tests_given) {
 		cfg.tests_given = true;
@@ -163,6 +195,21 @@ bool test_explicit(const char *name)
 		if (n && !strncmp(p, name, n) && (name[n] == 0 || name[n] == '-'))
 			return true;
 		p = *end ? end + 1 : end;
+	}
+	return false;
+}
+
+/* Named itself in tests= (neither "all" nor a family name selects it). */
+bool test_named(const char *name)
+{
+	usize len = strlen(name);
+	for (const char *p = cfg.tests; *p;) {
+		const char *e = p;
+		while (*e && *e != ',')
+			e++;
+		if ((usize)(e - p) == len && !strncmp(p, name, len))
+			return true;
+		p = *e ? e + 1 : e;
 	}
 	return false;
 }

@@ -177,6 +177,8 @@ struct config {
 	u64 bar64;          /* move 64-bit BARs here (testing high MMIO) */
 	char fault[8];      /* raise this exception on purpose (testing the crash path) */
 	bool verbose;
+	bool host_answers;  /* host=1: checks that wait for the host run by default too */
+	bool end_poweroff;  /* end=poweroff: a passing run ends in S5 instead of a reset */
 	int nbench;
 	struct bench_cfg bench[MAX_BENCHES];
 };
@@ -184,10 +186,13 @@ extern struct config cfg;
 void cmdline_parse(const char *cmdline);
 bool test_selected(const char *name);
 bool test_explicit(const char *name); /* named in tests= (not by default) */
+bool test_named(const char *name);    /* named itself: not by "all" or a family */
 
 /* ---- report.c: TEST lines ---------------------------------------------------- */
-extern int tests_passed, tests_failed;
+extern int tests_passed, tests_failed, tests_skipped;
 void test_result(const char *name, bool pass, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
+void test_skip(const char *name, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+bool host_check_selected(const char *name, const char *waits_for);
 __attribute__((noreturn)) void finish(void);
 __attribute__((noreturn)) void fatal(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 
@@ -211,6 +216,16 @@ struct hvm_memmap_entry {
 #define HVM_START_MAGIC 0x336ec578
 extern u64 boot_rsdp;
 extern u32 bsp_apic_id;
+
+/* ---- acpi.c ------------------------------------------------------------------ */
+struct acpi_header {
+	char sig[4];
+	u32 length;
+	u8 revision, checksum;
+	char oem[6], oem_table[8];
+	u32 oem_rev, creator, creator_rev;
+} __attribute__((packed));
+const struct acpi_header *acpi_find_table(const char *sig); /* "APIC", "FACP", "DSDT", ... */
 
 /* ---- paging.c ------------------------------------------------------------- */
 bool map_mmio(u64 addr, u64 size); /* identity, uncached, user-accessible */
@@ -256,8 +271,15 @@ void blk_tests(void);
 void net_tests(void);
 void rng_tests(void);
 void console_tests(void);
+void console_note(const char *line); /* a line on the virtio console, once it is set up */
 void irq_tests(void);
 void smp_tests(void);
+void reboot_tests(void); /* tests=reboot: a marker on the disk survives a reset */
+void highmem_tests(void); /* tests=highmem: RAM above 4 GiB */
+void memmap_save(struct hvm_start_info *si);
+void power_tests(void); /* tests=power: the GED power button, then S5 at the end */
+extern bool power_off_at_end;
+void acpi_power_off(void);
 void run_bench(struct bench_cfg *b);
 void blk_bench(struct bench_cfg *b);
 void net_bench(struct bench_cfg *b);

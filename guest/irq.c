@@ -9,7 +9,7 @@ void irq_tests(void)
 		return;
 	if (!cfg.irq_msix) {
 		if (test_explicit("irq"))
-			test_result("irq", false, "irq=poll: no interrupts configured");
+			test_skip("irq", "irq=poll: no interrupts configured");
 		return;
 	}
 	char detail[320];
@@ -40,7 +40,7 @@ void irq_tests(void)
 	/* Nothing may arrive on a vector no device was given. */
 	u32 stray = 0;
 	for (int v = VEC_IRQ_BASE; v <= VEC_IRQ_LAST; v++)
-		if (!assigned[v])
+		if (!assigned[v] && !vector_given[v])
 			stray += irq_counts[v];
 	char mask[128];
 	bool mask_ok = rng_msix_mask_test(mask, sizeof(mask));

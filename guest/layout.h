@@ -25,6 +25,7 @@
 #define VEC_TIMER 0x30       /* LAPIC timer: wakes `hlt` so every wait has a deadline */
 #define VEC_IRQ_BASE 0x40    /* MSI-X vectors handed to virtio queues: 0x40..0x7e */
 #define VEC_IRQ_LAST 0x7e
+#define VEC_GED 0x7f         /* the ACPI GED's IOAPIC pin (tests=power) */
 #define VEC_SPURIOUS 0xff
 #define ISR_STRIDE 32        /* every interrupt stub is 32 bytes apart */
 

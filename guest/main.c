@@ -49,6 +49,8 @@ __attribute__((noreturn)) void user_main(struct hvm_start_info *si)
 	cmdline_parse(cmdline); /* copies it: low memory is ours from now on */
 	if (valid)
 		boot_rsdp = si->rsdp_paddr;
+	if (valid)
+		memmap_save(si);
 	u64 heap_end = heap_limit(si, valid);
 	heap_init((u64)_end, heap_end);
 
@@ -82,7 +84,10 @@ __attribute__((noreturn)) void user_main(struct hvm_start_info *si)
 	console_tests();
 	irq_tests();
 	smp_tests();
+	highmem_tests();
+	reboot_tests();
 	for (int i = 0; i < cfg.nbench; i++)
 		run_bench(&cfg.bench[i]);
+	power_tests(); /* last: a pass ends the run by powering off */
 	finish();
 }

@@ -134,7 +134,7 @@ isr_table:
 	/* The masked 8259s' range: only a spurious IRQ 7/15 can land here. */
 	incl irq_counts + 4 * vec(%rip)
 	iretq
-	.elseif (vec >= VEC_TIMER) && (vec <= VEC_IRQ_LAST)
+	.elseif (vec >= VEC_TIMER) && (vec <= VEC_GED)
 	/* A device or timer interrupt: count it, end it at the LAPIC, return. */
 	push %rax
 	incl irq_counts + 4 * vec(%rip)

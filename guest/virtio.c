@@ -8,6 +8,7 @@
 struct virtio_dev virtio_devs[MAX_VIRTIO];
 int virtio_count;
 static u8 next_vector = VEC_IRQ_BASE;
+bool vector_given[256]; /* every vector a device was ever given (a bigger re-setup moves it) */
 
 #define PCI_CAP_VENDOR 0x09
 #define PCI_CAP_MSIX 0x11
@@ -216,6 +217,8 @@ static bool msix_enable(struct virtio_dev *d, int nq)
 		d->vec_base = next_vector;
 		d->vec_count = (u8)entries;
 		next_vector = (u8)(next_vector + entries);
+		for (int v = d->vec_base; v < d->vec_base + entries; v++)
+			vector_given[v] = true;
 	}
 	entries = MIN(entries, (int)d->vec_count);
 	bool with_config = entries >= nq + 1;
@@ -315,6 +318,24 @@ static bool setup_queue(struct virtio_dev *d, struct virtq *q, u16 index, u16 ma
 	common_w16(d, VCOMMON_Q_ENABLE, 1);
 	q->ready = true;
 	return true;
+}
+
+/* What the device offers, read after a reset (the driver may need it to choose nq). */
+u64 virtio_offered(struct virtio_dev *d)
+{
+	if (d->err[0])
+		return 0;
+	struct pci_dev *p = d->pci;
+	pci_write16(p, 0x04, pci_read16(p, 0x04) | 0x0002 | 0x0004 | 0x0400);
+	virtio_reset(d);
+	set_status(d, VIRTIO_STATUS_ACKNOWLEDGE);
+	set_status(d, VIRTIO_STATUS_DRIVER);
+	common_w32(d, VCOMMON_DFSELECT, 0);
+	u64 f = common_r32(d, VCOMMON_DF);
+	common_w32(d, VCOMMON_DFSELECT, 1);
+	f |= (u64)common_r32(d, VCOMMON_DF) << 32;
+	virtio_reset(d);
+	return f;
 }
 
 bool virtio_setup(struct virtio_dev *d, u64 wanted, int nq, u16 max_qsize)

@@ -132,6 +132,8 @@ struct virtio_dev *virtio_find(u32 type, int nth);
 const char *virtio_type_name(u32 type);
 /* Reset, negotiate (wanted & offered), set up nq queues (MSI-X or polling), DRIVER_OK. */
 bool virtio_setup(struct virtio_dev *d, u64 wanted, int nq, u16 max_qsize);
+u64 virtio_offered(struct virtio_dev *d); /* device features, read after a reset */
+extern bool vector_given[256];
 void virtio_reset(struct virtio_dev *d);
 u8 virtio_cfg_read8(struct virtio_dev *d, u32 off);
 u16 virtio_cfg_read16(struct virtio_dev *d, u32 off);

@@ -2,11 +2,11 @@
 
 The guest prints one event per line on COM1 (see guest/README.md):
 
-    TEST <name> PASS|FAIL <detail>
+    TEST <name> PASS|FAIL|SKIP <detail>
     BENCH-START <name> [key=value ...]
     BENCH-END <name> ops=<n> bytes=<n> [key=value ...]
     READY <what> [key=value ...]
-    DONE pass=<n> fail=<n>
+    DONE pass=<n> fail=<n> [skip=<n>]
     FATAL <message>
 
 `parse_line` turns one line into an event, `GuestOutput` collects a run, and
@@ -49,9 +49,11 @@ class TestLine:
     detail: str
     fields: dict[str, str]
     t: float = 0.0
+    skipped: bool = False  # a SKIP line: the check did not run (`passed` is False)
 
     def __str__(self) -> str:
-        return f"TEST {self.name} {'PASS' if self.passed else 'FAIL'} {self.detail}"
+        verdict = "SKIP" if self.skipped else "PASS" if self.passed else "FAIL"
+        return f"TEST {self.name} {verdict} {self.detail}"
 
 
 @dataclass(frozen=True)
@@ -82,6 +84,7 @@ class Done:
     passed: int
     failed: int
     t: float = 0.0
+    skipped: int = 0
 
 
 @dataclass(frozen=True)
@@ -104,9 +107,10 @@ def parse_line(line: str, t: float = 0.0) -> Event | None:
     tail = words[1] if len(words) > 1 else ""
     if kind == "TEST":
         verdict, _, detail = tail.partition(" ")
-        if not head or verdict not in ("PASS", "FAIL"):
+        if not head or verdict not in ("PASS", "FAIL", "SKIP"):
             return None
-        return TestLine(head, verdict == "PASS", detail.strip(), parse_fields(detail), t)
+        fields = parse_fields(detail)
+        return TestLine(head, verdict == "PASS", detail.strip(), fields, t, verdict == "SKIP")
     if kind == "BENCH-START" and head:
         return BenchStart(head, parse_fields(tail), t)
     if kind == "BENCH-END" and head:
@@ -120,7 +124,7 @@ def parse_line(line: str, t: float = 0.0) -> Event | None:
     if kind == "DONE":
         fields = parse_fields(rest)
         try:
-            return Done(int(fields["pass"]), int(fields["fail"]), t)
+            return Done(int(fields["pass"]), int(fields["fail"]), t, int(fields.get("skip", "0")))
         except (KeyError, ValueError):
             return None
     if kind == "FATAL":
@@ -152,7 +156,8 @@ class GuestOutput:
     """Everything one guest run printed, parsed as it arrives."""
 
     lines: list[str] = field(default_factory=list)
-    tests: list[TestLine] = field(default_factory=list)
+    tests: list[TestLine] = field(default_factory=list)  # PASS and FAIL lines
+    skipped: list[TestLine] = field(default_factory=list)  # SKIP lines
     benches: list[BenchResult] = field(default_factory=list)
     ready: list[Ready] = field(default_factory=list)
     fatal: list[Fatal] = field(default_factory=list)
@@ -163,7 +168,7 @@ class GuestOutput:
         self.lines.append(line)
         event = parse_line(line, t)
         if isinstance(event, TestLine):
-            self.tests.append(event)
+            (self.skipped if event.skipped else self.tests).append(event)
         elif isinstance(event, BenchStart):
             self._open_bench = event
         elif isinstance(event, BenchEnd):

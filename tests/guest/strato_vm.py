@@ -92,6 +92,7 @@ class InProcessResult:
     exit_status: int
     stop_message: str
     handler_errors: list[str]
+    stop_reason: str = ""  # StopReason's value: "poweroff", "reset", ...
 
 
 def run_in_process(
@@ -174,7 +175,7 @@ def run_in_process(
         seconds_total=time.monotonic() - start,
         stderr=stop.message,
     )
-    return InProcessResult(result, stop.exit_status, stop.message, errors)
+    return InProcessResult(result, stop.exit_status, stop.message, errors, stop.reason.value)
 
 
 # ---- the command, its virtio console on standard input and output -----------------------------

@@ -44,6 +44,24 @@ def test_parse_test_lines() -> None:
     assert fail.detail == "no virtio-net device"
 
 
+def test_skip_lines_are_neither_passes_nor_failures() -> None:
+    skip = parse_line("TEST net SKIP no virtio-net device")
+    assert isinstance(skip, TestLine) and skip.skipped and not skip.passed
+    assert str(skip) == "TEST net SKIP no virtio-net device"
+    out = GuestOutput.parse(
+        "TEST serial PASS lsr=0x60\nTEST net SKIP no virtio-net device\nDONE pass=1 fail=0 skip=1"
+    )
+    assert [t.name for t in out.tests] == ["serial"] and out.failures() == []
+    assert [t.name for t in out.skipped] == ["net"]
+    assert out.done is not None and out.done.skipped == 1
+    out.check(["serial"])
+    with pytest.raises(AssertionError, match="no TEST net line"):
+        out.check(["net"])  # a skipped check is not a check that ran
+    # An older guest's DONE line, without skip=, still parses.
+    done = parse_line("DONE pass=2 fail=0")
+    assert isinstance(done, Done) and done.skipped == 0
+
+
 def test_events_found_after_firmware_output_on_the_same_line() -> None:
     line = parse_line("Booting from ROM..TEST serial PASS lsr=0x60")
     assert isinstance(line, TestLine) and line.name == "serial"

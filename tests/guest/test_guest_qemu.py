@@ -82,13 +82,15 @@ def boot(
     rng: bool = True,
     disk: bool = True,
     timeout: float = 90.0,
+    answer: bool = True,
 ) -> Run:
-    """Boot the guest with the devices asked for, answer its READY lines, return the run."""
+    """Boot the guest with the devices asked for, answer its READY lines (unless not
+    `answer`; `host=1` tells the guest that someone does), return the run."""
     disk_path = workdir / "disk.raw"
     disk_path.write_bytes(bytes(1 << 20))
     machine = QemuMachine(
         kernel=elf,
-        append=append,
+        append=f"host=1 {append}".strip() if answer else append,
         accel=accel,
         firmware=firmware,
         cpu=cpu,
@@ -118,7 +120,7 @@ def boot(
         result = run_guest(
             argv,
             timeout=timeout,
-            on_ready=responder.handlers(),
+            on_ready=responder.handlers() if answer else {},
             after_start=client.connect if client is not None else None,
         )
         label = f"{accel}/{firmware}"
@@ -236,11 +238,14 @@ def test_two_vcpus(
 def test_failure_exits_through_isa_debug_exit(
     request: pytest.FixtureRequest, guest_elf: Path, workdir: Path
 ) -> None:
-    # Asking for a device that is not there fails the run on purpose.
-    run = boot(request, guest_elf, workdir, "tests=serial,net", net=False, console=False)
+    # A console line nobody types fails the run on purpose; a missing device is only skipped.
+    append = "tests=serial,net,console-rx host-timeout=500"
+    run = boot(request, guest_elf, workdir, append, net=False, answer=False)
     (failed,) = run.out.failures()
-    assert failed.name == "net" and "no virtio-net device" in failed.detail
-    assert run.out.done is not None and run.out.done.failed == 1
+    assert failed.name == "console-rx" and 'got=""' in failed.detail
+    (skipped,) = run.out.skipped
+    assert skipped.name == "net" and "no virtio-net device" in skipped.detail
+    assert run.out.done is not None and (run.out.done.failed, run.out.done.skipped) == (1, 1)
     assert run.result.returncode == 3  # isa-debug-exit: (1 << 1) | 1
 
 
@@ -280,3 +285,18 @@ def test_benchmarks_run_and_report(
         assert run.capture is not None
         assert len(run.capture.test_frames("BENCH")) == 500
         assert by_name["net-rx"].ops == RX_BENCH_FRAMES
+
+
+def test_power_is_skipped_without_a_ged_and_end_poweroff_uses_the_fadt(
+    request: pytest.FixtureRequest, guest_elf: Path, workdir: Path
+) -> None:
+    """q35 has no ACPI GED: `tests=power` is a SKIP line, not a failure. `end=poweroff` finds
+    q35's PM1a control block in the FADT and SLP_TYP in its \\_S5: QEMU powers off (exit 0)
+    without the guest falling back to a reset (which prints WARN ... resetting instead)."""
+    append = "tests=serial,power end=poweroff"
+    run = boot(request, guest_elf, workdir, append, net=False, console=False, answer=False)
+    run.out.check(["serial"])
+    (skip,) = run.out.skipped
+    assert skip.name == "power" and "ACPI0013" in skip.detail
+    assert run.result.returncode == 0, run.result.stderr
+    assert not [line for line in run.out.lines if "resetting instead" in line], run.out.text()
