@@ -24,7 +24,7 @@ def guest_elf() -> Path:
 
 
 def test_builtin_guest_through_the_api(make_env: Callable[..., ApiEnv], guest_elf: Path) -> None:
-    env = make_env(None)  # the controller's default factory: strato.vmm.builder
+    env = make_env(default_factory=True)  # the controller's own VmBuilder
     serial = env.dir / "serial.out"
     api = env.client
     api.create(

@@ -230,9 +230,14 @@ def test_any_json_is_a_config_or_a_config_json_error(doc: Any) -> None:
         {"payload": {}, "net": doc},
     ):
         try:
-            vm_config_from_json(candidate)
-        except ConfigJsonError:
-            pass
+            cfg = vm_config_from_json(candidate)
+        except ConfigJsonError as e:
+            # An error names where it is (the path is a prefix of the message) and says what.
+            assert e.message, candidate
+            assert str(e).startswith(e.path) and str(e).endswith(e.message), str(e)
+        else:  # an accepted document is a config that survives a round trip
+            assert isinstance(cfg, VmConfig)
+            assert vm_config_from_json(json.loads(json.dumps(vm_config_to_json(cfg)))) == cfg
 
 
 def _with(path: str, value: Any) -> dict[str, Any]:

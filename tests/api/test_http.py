@@ -30,18 +30,26 @@ def test_bare_lf_line_ends() -> None:
 
 
 @pytest.mark.parametrize(
-    ("raw", "status"),
+    ("raw", "status", "words"),
     [
-        (b"GET /a HTTP/1.1\r\nContent-Length: 1001\r\n\r\n", 413),
-        (b"GET /a HTTP/1.1\r\nContent-Length: 99999999999999999999\r\n\r\n", 400),
-        (b"GET /a HTTP/1.1\r\nContent-Length: 1e3\r\n\r\n", 400),
-        (b"GET /a HTTP/1.1\r\nX: a\x00b\r\n\r\n", 400),
-        (b"GET /a HTTP/3.0\r\n\r\n", 505),
-        (b"GET /a HTTP/1.1\r\nTransfer-Encoding: identity\r\n\r\n", 501),
+        (b"GET /a HTTP/1.1\r\nContent-Length: 1001\r\n\r\n", 413, "limited to 1000 bytes"),
+        (
+            b"GET /a HTTP/1.1\r\nContent-Length: 99999999999999999999\r\n\r\n",
+            400,
+            "malformed Content-Length",
+        ),
+        (b"GET /a HTTP/1.1\r\nContent-Length: 1e3\r\n\r\n", 400, "malformed Content-Length"),
+        (b"GET /a HTTP/1.1\r\nX: a\x00b\r\n\r\n", 400, "invalid character in x"),
+        (b"GET /a HTTP/3.0\r\n\r\n", 505, "only HTTP/1.0 and HTTP/1.1"),
+        (
+            b"GET /a HTTP/1.1\r\nTransfer-Encoding: identity\r\n\r\n",
+            501,
+            "Transfer-Encoding is not supported",
+        ),
     ],
 )
-def test_bad_heads(raw: bytes, status: int) -> None:
-    with pytest.raises(http.HttpError) as e:
+def test_bad_heads(raw: bytes, status: int, words: str) -> None:
+    with pytest.raises(http.HttpError, match=words) as e:
         parse(raw)
     assert e.value.status == status
 

@@ -12,9 +12,7 @@ from typing import Any
 import pytest
 
 from strato.api.routes import ENDPOINTS, ROUTES, Body
-from strato.vmm.config import ConfigError, VmConfig
-from strato.vmm.controller import ManagedVm
-from tests.api.helpers import ApiEnv, FakeFactory, FakeVm, openapi_doc, run_matrix
+from tests.api.helpers import KVM, ApiEnv, openapi_doc, run_matrix
 from tests.api.test_server import MALFORMED, NEGATIVE
 
 yaml_doc = openapi_doc()
@@ -68,36 +66,13 @@ def test_not_implemented_endpoints_say_so(doc: dict[str, Any]) -> None:
 
 def test_protocol_errors_are_the_ones_the_server_produces(doc: dict[str, Any]) -> None:
     produced = {status for _name, _req, status, _words in NEGATIVE if status != 500}
-    produced |= {status for _name, _data, status in MALFORMED}
+    produced |= {status for _name, _data, status, _words in MALFORMED}
     produced -= {204}
     assert set(doc["x-protocol-errors"]) == produced - {500}
 
 
-class Failing(FakeFactory):
-    """A factory whose next VM cannot be built (ConfigError: 400) or started (500)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.fail: str | None = None
-
-    def __call__(self, config: VmConfig) -> ManagedVm:
-        if self.fail == "config":
-            raise ConfigError("--serial pty: not supported yet")
-        vm = super().__call__(config)
-        if self.fail == "start":
-            assert isinstance(vm, FakeVm)
-
-            def broken() -> None:
-                raise OSError("KVM_RUN: no such device")
-
-            vm.start = broken  # type: ignore[method-assign]
-        return vm
-
-
-class NoButton(FakeVm):
-    power_button = None  # type: ignore[assignment]
-
-
+@pytest.mark.kvm
+@pytest.mark.skipif(not KVM, reason="needs /dev/kvm")
 def test_documented_statuses_are_exactly_the_served_ones(
     doc: dict[str, Any], make_env: Callable[..., ApiEnv]
 ) -> None:
@@ -117,8 +92,9 @@ def test_documented_statuses_are_exactly_the_served_ones(
         else:
             assert status == 204 and body is None
 
-    factory = Failing()
-    env = make_env(factory)
+    env = make_env()  # strato's real builder: failures are real builds that fail
+    factory = env.builder
+    assert factory is not None
     for method, endpoint, status, body in run_matrix(env):
         record(method, endpoint, status, body)
 
@@ -148,8 +124,10 @@ def test_documented_statuses_are_exactly_the_served_ones(
     call("PUT", "vm.delete")
     call("PUT", "vmm.shutdown")
 
-    buttonless = make_env(lambda config: NoButton(config))
-    buttonless.client.create(buttonless.config_json())
+    buttonless = make_env()  # a real VM without ACPI: no GED, no power button
+    assert buttonless.builder is not None
+    buttonless.builder.acpi = False
+    buttonless.client.create(buttonless.config_json("bench=idle,seconds=600"))
     buttonless.client.boot()
     status, _reason, raw = buttonless.client.request("PUT", "vm.power-button")
     assert status == 500 and "no ACPI power button" in raw.decode()

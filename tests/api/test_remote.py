@@ -1,4 +1,4 @@
-"""strato-remote: ch-remote's verbs."""
+"""strato-remote: ch-remote's verbs, driving real VMs (strato's builder, the built-in guest)."""
 
 from __future__ import annotations
 
@@ -6,55 +6,80 @@ import io
 import json
 import subprocess
 import sys
-from typing import Any
+from pathlib import Path
 
 import pytest
 
 from strato.cli import remote
-from tests.api.helpers import ApiEnv, FakeFactory
+from strato.vmm.stop import StopReason
+from strato.vmm.vm import VmState
+from tests.api.helpers import BOOT_LINE, KVM, POWER_PASS, READY_POWER, ApiEnv, poll, state
+
+needs_kvm = pytest.mark.skipif(not KVM, reason="needs /dev/kvm")
 
 
 def run(env: ApiEnv, *argv: str) -> int:
     return remote.main(["--api-socket", str(env.path), *argv])
 
 
-def test_every_verb(
-    fake_env: tuple[ApiEnv, FakeFactory], capsys: pytest.CaptureFixture[str], tmp_path: Any
-) -> None:
-    env, _ = fake_env
+@pytest.mark.kvm
+@needs_kvm
+def test_every_verb(api_env: ApiEnv, capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    env = api_env
+    assert env.builder is not None
     assert run(env, "ping") == 0
     assert json.loads(capsys.readouterr().out)["features"] == ["kvm"]
     cfg = tmp_path / "vm.json"
     cfg.write_text(json.dumps(env.config_json()))
     assert run(env, "create", str(cfg)) == 0
     assert capsys.readouterr().out == ""  # 204: nothing printed
-    for verb in ("boot", "pause", "resume"):
-        assert run(env, verb) == 0
+    assert state(env) == "Created"
+    assert run(env, "boot") == 0
+    assert env.vm.state is VmState.RUNNING
+    assert run(env, "pause") == 0
+    assert env.vm.state is VmState.PAUSED and all(v.paused for v in env.vm.vcpus)
+    assert run(env, "resume") == 0
+    assert env.vm.state is VmState.RUNNING
     assert run(env, "info") == 0
     assert json.loads(capsys.readouterr().out)["state"] == "Running"
     assert run(env, "counters") == 0
-    assert "_disk0" in json.loads(capsys.readouterr().out)
-    for verb in ("reboot", "shutdown", "boot", "power-button", "delete", "shutdown-vmm"):
-        assert run(env, verb) == 0, verb
+    assert {"_disk0", "__rng"} <= set(json.loads(capsys.readouterr().out))
+    first = env.vm
+    assert run(env, "reboot") == 0
+    assert env.vm is not first and first.state is VmState.SHUTDOWN
+    env.wait_serial(BOOT_LINE, 2)
+    assert run(env, "shutdown") == 0
+    assert state(env) == "Shutdown" and env.vm.state is VmState.SHUTDOWN
+    ready = env.serial().count(READY_POWER)
+    assert run(env, "boot") == 0
+    assert len(env.builder.vms) == 3 and env.vm.state is VmState.RUNNING
+    env.wait_serial(READY_POWER, ready + 1)
+    assert run(env, "power-button") == 0  # the guest sees it and powers off
+    assert poll(lambda: state(env) == "Shutdown"), env.serial()
+    assert POWER_PASS in env.serial()
+    assert env.controller.guest_stop is not None
+    assert env.controller.guest_stop.reason is StopReason.POWEROFF
+    assert run(env, "delete") == 0
+    assert state(env) is None
+    assert run(env, "shutdown-vmm") == 0
     assert env.controller.wait(5)
 
 
-def test_create_from_stdin(
-    fake_env: tuple[ApiEnv, FakeFactory], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    env, _ = fake_env
+def test_create_from_stdin(api_env: ApiEnv, monkeypatch: pytest.MonkeyPatch) -> None:
+    env = api_env
     stdin = io.TextIOWrapper(io.BytesIO(json.dumps(env.config_json()).encode()))
     monkeypatch.setattr(sys, "stdin", stdin)
     assert run(env, "create") == 0
     assert env.client.info()["state"] == "Created"
 
 
-def test_errors(fake_env: tuple[ApiEnv, FakeFactory], capsys: pytest.CaptureFixture[str]) -> None:
-    env, _ = fake_env
+def test_errors(api_env: ApiEnv, capsys: pytest.CaptureFixture[str]) -> None:
+    env = api_env
     assert run(env, "pause") == 1
     err = capsys.readouterr().err
     assert "PUT /api/v1/vm.pause: the server answered 500 Internal Server Error" in err
     assert "  1: The VM could not be paused" in err
+    assert "VM is not running (the VM is not created)" in err
     assert remote.main(["--api-socket", str(env.dir / "nothing.sock"), "ping"]) == 1
     assert "cannot talk to" in capsys.readouterr().err
     assert run(env, "create", str(env.dir / "missing.json")) == 1
@@ -62,10 +87,11 @@ def test_errors(fake_env: tuple[ApiEnv, FakeFactory], capsys: pytest.CaptureFixt
     with pytest.raises(SystemExit) as e:
         run(env, "add-disk")
     assert e.value.code == 2
+    assert "add-disk" in capsys.readouterr().err
 
 
-def test_module_entry_point(fake_env: tuple[ApiEnv, FakeFactory]) -> None:
-    env, _ = fake_env
+def test_module_entry_point(api_env: ApiEnv) -> None:
+    env = api_env
     out = subprocess.run(
         [sys.executable, "-m", "strato.cli.remote", "--api-socket", str(env.path), "ping"],
         capture_output=True,

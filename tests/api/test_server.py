@@ -1,4 +1,5 @@
-"""The API server over a real unix socket (with a fake VM): protocol, limits, negative cases.
+"""The API server over a real unix socket (VMs from strato's real builder; most cases need
+none): protocol, limits, negative cases.
 
 Every negative case checks the status, that the body is Cloud Hypervisor's error array, and
 that the server still answers afterwards."""
@@ -23,7 +24,6 @@ from strato.vmm.config import ConfigError
 from strato.vmm.controller import VmmController
 from tests.api.helpers import (
     ApiEnv,
-    FakeFactory,
     closed_by_peer,
     connect,
     exchange,
@@ -55,9 +55,9 @@ def assert_alive(env: ApiEnv) -> None:
 # -- the happy path, the way ch-remote and Go clients talk -------------------------------------
 
 
-def test_ch_remote_style_request(fake_env: tuple[ApiEnv, FakeFactory]) -> None:
+def test_ch_remote_style_request(api_env: ApiEnv) -> None:
     """ch-remote's api_client: no Content-Type, reads the head, then Content-Length bytes."""
-    env, _ = fake_env
+    env = api_env
     r = exchange(
         env.path, b"GET /api/v1/vmm.ping HTTP/1.1\r\nHost: localhost\r\nAccept: */*\r\n\r\n"
     )
@@ -71,8 +71,8 @@ def test_ch_remote_style_request(fake_env: tuple[ApiEnv, FakeFactory]) -> None:
     assert r.status == 204 and r.body == b"" and "content-length" not in r.headers
 
 
-def test_keep_alive_and_pipelining(fake_env: tuple[ApiEnv, FakeFactory]) -> None:
-    env, _ = fake_env
+def test_keep_alive_and_pipelining(api_env: ApiEnv) -> None:
+    env = api_env
     with connect(env.path) as s:
         s.sendall(get("vmm.ping") * 5 + get("vm.info"))
         statuses = [read_response(s).status for _ in range(6)]
@@ -81,8 +81,8 @@ def test_keep_alive_and_pipelining(fake_env: tuple[ApiEnv, FakeFactory]) -> None
         assert read_response(s).status == 200
 
 
-def test_http10_closes_unless_keep_alive(fake_env: tuple[ApiEnv, FakeFactory]) -> None:
-    env, _ = fake_env
+def test_http10_closes_unless_keep_alive(api_env: ApiEnv) -> None:
+    env = api_env
     with connect(env.path) as s:
         s.sendall(b"GET /api/v1/vmm.ping HTTP/1.0\r\n\r\n")
         r = read_response(s)
@@ -96,8 +96,8 @@ def test_http10_closes_unless_keep_alive(fake_env: tuple[ApiEnv, FakeFactory]) -
         assert closed_by_peer(s)
 
 
-def test_expect_100_continue(fake_env: tuple[ApiEnv, FakeFactory]) -> None:
-    env, _ = fake_env
+def test_expect_100_continue(api_env: ApiEnv) -> None:
+    env = api_env
     body = create_body(env)
     with connect(env.path) as s:
         s.sendall(
@@ -108,8 +108,8 @@ def test_expect_100_continue(fake_env: tuple[ApiEnv, FakeFactory]) -> None:
         assert read_response(s).status == 204
 
 
-def test_absolute_form_target_and_query_are_accepted(fake_env: tuple[ApiEnv, FakeFactory]) -> None:
-    env, _ = fake_env
+def test_absolute_form_target_and_query_are_accepted(api_env: ApiEnv) -> None:
+    env = api_env
     r = exchange(env.path, b"GET http://localhost/api/v1/vmm.ping?x=1 HTTP/1.1\r\n\r\n")
     assert r.status == 200
 
@@ -125,7 +125,7 @@ def test_fd_listener(sock_dir: Path) -> None:
     d = sock_dir
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.bind(str(d / "fd.sock"))
-    controller = VmmController(FakeFactory())
+    controller = VmmController()
     controller.start()
     server = serve_api(controller, sock.detach())
     try:
@@ -136,8 +136,8 @@ def test_fd_listener(sock_dir: Path) -> None:
         controller.close()
 
 
-def test_socket_path_in_use_is_refused(fake_env: tuple[ApiEnv, FakeFactory]) -> None:
-    env, _ = fake_env
+def test_socket_path_in_use_is_refused(api_env: ApiEnv) -> None:
+    env = api_env
     with pytest.raises(ConfigError, match="in use"):
         serve_api(env.controller, env.path)
     assert_alive(env)
@@ -149,7 +149,7 @@ def test_stale_socket_is_replaced_and_removed_on_close(sock_dir: Path) -> None:
     stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     stale.bind(str(path))
     stale.close()  # a socket file left by a crashed VMM
-    controller = VmmController(FakeFactory())
+    controller = VmmController()
     controller.start()
     server = serve_api(controller, path)
     with ApiClient(path) as api:
@@ -281,12 +281,12 @@ NEGATIVE = _negatives()
     ids=[c[0] for c in NEGATIVE],
 )
 def test_negative_request(
-    fake_env: tuple[ApiEnv, FakeFactory],
+    api_env: ApiEnv,
     request_bytes: Callable[[ApiEnv], bytes],
     status: int,
     words: str,
 ) -> None:
-    env, _ = fake_env
+    env = api_env
     r = exchange(env.path, request_bytes(env))
     assert r.status == status, r.body
     messages = r.json()
@@ -297,62 +297,116 @@ def test_negative_request(
     assert_alive(env)
 
 
-# (request bytes, expected status): malformed HTTP; the connection is always closed.
-MALFORMED: list[tuple[str, bytes, int]] = [
-    ("garbage", b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03\r\n\r\n", 400),
-    ("no version", b"GET /api/v1/vmm.ping\r\n\r\n", 400),
-    ("extra space", b"GET  /api/v1/vmm.ping HTTP/1.1\r\n\r\n", 400),
-    ("lowercase version", b"GET /api/v1/vmm.ping http/1.1\r\n\r\n", 400),
-    ("http/2", b"GET /api/v1/vmm.ping HTTP/2.0\r\n\r\n", 505),
-    ("http/0.9 style", b"GET /api/v1/vmm.ping HTTP/0.9\r\n\r\n", 505),
-    ("bad method", b"G(T /api/v1/vmm.ping HTTP/1.1\r\n\r\n", 400),
-    ("relative target", b"GET api/v1/vmm.ping HTTP/1.1\r\n\r\n", 400),
-    ("non-ascii target", "GET /api/v1/vmm.pïng HTTP/1.1\r\n\r\n".encode(), 400),
-    ("header without colon", b"GET /api/v1/vmm.ping HTTP/1.1\r\nHost localhost\r\n\r\n", 400),
-    ("space before colon", b"GET /api/v1/vmm.ping HTTP/1.1\r\nHost : x\r\n\r\n", 400),
-    ("obs-fold", b"GET /api/v1/vmm.ping HTTP/1.1\r\nX-A: 1\r\n  continued\r\n\r\n", 400),
-    ("bad content-length", b"PUT /api/v1/vm.create HTTP/1.1\r\nContent-Length: ten\r\n\r\n", 400),
+# (name, request bytes, expected status, words in the error messages): malformed HTTP; the
+# connection is always closed.
+MALFORMED: list[tuple[str, bytes, int, str]] = [
+    (
+        "garbage",
+        b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03\r\n\r\n",
+        400,
+        "malformed request line",
+    ),
+    ("no version", b"GET /api/v1/vmm.ping\r\n\r\n", 400, "malformed request line"),
+    ("extra space", b"GET  /api/v1/vmm.ping HTTP/1.1\r\n\r\n", 400, "malformed request line"),
+    ("lowercase version", b"GET /api/v1/vmm.ping http/1.1\r\n\r\n", 400, "malformed HTTP version"),
+    ("http/2", b"GET /api/v1/vmm.ping HTTP/2.0\r\n\r\n", 505, "only HTTP/1.0 and HTTP/1.1"),
+    ("http/0.9 style", b"GET /api/v1/vmm.ping HTTP/0.9\r\n\r\n", 505, "only HTTP/1.0 and HTTP/1.1"),
+    ("bad method", b"G(T /api/v1/vmm.ping HTTP/1.1\r\n\r\n", 400, "malformed method"),
+    (
+        "relative target",
+        b"GET api/v1/vmm.ping HTTP/1.1\r\n\r\n",
+        400,
+        "the request target must be a path",
+    ),
+    (
+        "non-ascii target",
+        "GET /api/v1/vmm.pïng HTTP/1.1\r\n\r\n".encode(),
+        400,
+        "non-ASCII request target",
+    ),
+    (
+        "header without colon",
+        b"GET /api/v1/vmm.ping HTTP/1.1\r\nHost localhost\r\n\r\n",
+        400,
+        "malformed header field",
+    ),
+    (
+        "space before colon",
+        b"GET /api/v1/vmm.ping HTTP/1.1\r\nHost : x\r\n\r\n",
+        400,
+        "malformed header field",
+    ),
+    (
+        "obs-fold",
+        b"GET /api/v1/vmm.ping HTTP/1.1\r\nX-A: 1\r\n  continued\r\n\r\n",
+        400,
+        "obsolete line folding",
+    ),
+    (
+        "bad content-length",
+        b"PUT /api/v1/vm.create HTTP/1.1\r\nContent-Length: ten\r\n\r\n",
+        400,
+        "malformed Content-Length",
+    ),
     (
         "negative content-length",
         b"PUT /api/v1/vm.create HTTP/1.1\r\nContent-Length: -1\r\n\r\n",
         400,
+        "malformed Content-Length",
     ),
     (
         "conflicting content-length",
         b"PUT /api/v1/vm.create HTTP/1.1\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\n{}",
         400,
+        "conflicting Content-Length fields",
     ),
     (
         "chunked",
         b"PUT /api/v1/vm.create HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
         501,
+        "Transfer-Encoding is not supported",
     ),
     (
         "expect other",
         b"PUT /api/v1/vm.create HTTP/1.1\r\nExpect: 200-ok\r\nContent-Length: 2\r\n\r\n{}",
         417,
+        "only 100-continue is supported",
     ),
     (
         "too large body",
         b"PUT /api/v1/vm.create HTTP/1.1\r\nContent-Length: 99999999999\r\n\r\n",
         413,
+        "the body is limited to",
     ),
-    ("too many headers", b"GET /api/v1/vmm.ping HTTP/1.1\r\n" + b"X-A: 1\r\n" * 100 + b"\r\n", 431),
-    ("too large head", b"GET /api/v1/vmm.ping HTTP/1.1\r\nX-A: " + b"a" * 20000 + b"\r\n\r\n", 431),
-    ("empty request", b"\r\n\r\n\r\nGET", 408),
+    (
+        "too many headers",
+        b"GET /api/v1/vmm.ping HTTP/1.1\r\n" + b"X-A: 1\r\n" * 100 + b"\r\n",
+        431,
+        "more than 64 fields",
+    ),
+    (
+        "too large head",
+        b"GET /api/v1/vmm.ping HTTP/1.1\r\nX-A: " + b"a" * 20000 + b"\r\n\r\n",
+        431,
+        "Request Header Fields Too Large",
+    ),
+    ("empty request", b"\r\n\r\n\r\nGET", 408, "Request Timeout"),
 ]
 
 
 @pytest.mark.parametrize(
-    ("data", "status"), [c[1:] for c in MALFORMED], ids=[c[0] for c in MALFORMED]
+    ("data", "status", "words"), [c[1:] for c in MALFORMED], ids=[c[0] for c in MALFORMED]
 )
-def test_malformed_http(make_env: Callable[..., ApiEnv], data: bytes, status: int) -> None:
-    env = make_env(FakeFactory(), limits=Limits(request_timeout=0.5))
+def test_malformed_http(
+    make_env: Callable[..., ApiEnv], data: bytes, status: int, words: str
+) -> None:
+    env = make_env(limits=Limits(request_timeout=0.5))
     with connect(env.path) as s:
         s.sendall(data)
         r = read_response(s)
         assert r.status == status, r.body
-        assert isinstance(r.json(), list)
+        messages = r.json()
+        assert isinstance(messages, list) and any(words in m for m in messages), messages
         assert r.headers["connection"] == "close"
         assert closed_by_peer(s)
     assert_alive(env)
@@ -361,9 +415,10 @@ def test_malformed_http(make_env: Callable[..., ApiEnv], data: bytes, status: in
 def test_oversized_body_with_content_length_under_limit_is_413(
     make_env: Callable[..., ApiEnv],
 ) -> None:
-    env = make_env(FakeFactory(), limits=Limits(max_body_bytes=1000))
+    env = make_env(limits=Limits(max_body_bytes=1000))
     r = exchange(env.path, put("vm.create", b"{" + b" " * 2000 + b"}"))
     assert r.status == 413
+    assert r.json() == ["Payload Too Large", "the body is limited to 1000 bytes"]
     assert_alive(env)
 
 
@@ -371,21 +426,23 @@ def test_oversized_body_with_content_length_under_limit_is_413(
 
 
 def test_slow_request_times_out(make_env: Callable[..., ApiEnv]) -> None:
-    env = make_env(FakeFactory(), limits=Limits(request_timeout=0.3))
+    env = make_env(limits=Limits(request_timeout=0.3))
     with connect(env.path) as s:
         s.sendall(b"GET /api/v1/vmm.ping HTTP/1.1\r\n")  # and never the end of the head
         r = read_response(s)
-        assert r.status == 408
+        assert r.status == 408 and r.json()[0] == "Request Timeout"
         assert closed_by_peer(s)
     with connect(env.path) as s:  # a body that never comes
         s.sendall(put("vm.create", None, "Content-Length: 100\r\n") + b"{")
-        assert read_response(s).status == 408
+        r = read_response(s)
+        assert r.status == 408 and r.json()[0] == "Request Timeout"
+    assert not any(f.exists() for f in env.serial_files)  # nothing was created
     assert_alive(env)
 
 
 def test_dripping_client_times_out(make_env: Callable[..., ApiEnv]) -> None:
     """A byte now and then keeps a connection busy but does not extend the request deadline."""
-    env = make_env(FakeFactory(), limits=Limits(request_timeout=0.5))
+    env = make_env(limits=Limits(request_timeout=0.5))
     data = b"GET /api/v1/vmm.ping HTTP/1.1\r\n" + b"X-Slow: " + b"a" * 1000
     with connect(env.path) as s:
         start = time.monotonic()
@@ -397,7 +454,7 @@ def test_dripping_client_times_out(make_env: Callable[..., ApiEnv]) -> None:
 
 
 def test_idle_and_half_open_connections_are_closed(make_env: Callable[..., ApiEnv]) -> None:
-    env = make_env(FakeFactory(), limits=Limits(idle_timeout=0.3))
+    env = make_env(limits=Limits(idle_timeout=0.3))
     silent = connect(env.path)  # connects and says nothing
     half = connect(env.path)
     half.sendall(get("vmm.ping"))
@@ -411,7 +468,7 @@ def test_idle_and_half_open_connections_are_closed(make_env: Callable[..., ApiEn
 
 
 def test_client_that_never_reads_is_dropped(make_env: Callable[..., ApiEnv]) -> None:
-    env = make_env(FakeFactory(), limits=Limits(write_timeout=0.3, request_timeout=30))
+    env = make_env(limits=Limits(write_timeout=0.3, request_timeout=30))
     s = connect(env.path)
     s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     # Pipelined requests whose answers pile up unread until the socket buffers are full.
@@ -435,7 +492,7 @@ def test_client_that_never_reads_is_dropped(make_env: Callable[..., ApiEnv]) -> 
 
 def test_connection_limit(make_env: Callable[..., ApiEnv]) -> None:
     """With every slot taken, new clients wait; idle connections are closed to make room."""
-    env = make_env(FakeFactory(), limits=Limits(max_connections=4, evict_idle_after=0.2))
+    env = make_env(limits=Limits(max_connections=4, evict_idle_after=0.2))
     idle = [connect(env.path) for _ in range(4)]
     assert poll(lambda: env.server.open_connections == 4)
     start = time.monotonic()
@@ -448,17 +505,12 @@ def test_connection_limit(make_env: Callable[..., ApiEnv]) -> None:
 
 
 def test_busy_connections_are_never_evicted(make_env: Callable[..., ApiEnv]) -> None:
-    release = threading.Event()
-    factory = FakeFactory()
-
-    def slow_factory(config: Any) -> Any:
-        release.wait(10)
-        return factory(config)
-
-    env = make_env(slow_factory, limits=Limits(max_connections=2, evict_idle_after=0.05))
+    env = make_env(limits=Limits(max_connections=2, evict_idle_after=0.05))
+    assert env.builder is not None
+    env.builder.release = release = threading.Event()  # the build waits for it
     env.client.create(env.config_json())
     booting = connect(env.path)
-    booting.sendall(put("vm.boot"))  # the VMM thread is now busy in the factory
+    booting.sendall(put("vm.boot"))  # the VMM thread is now busy in the builder
     pinging = connect(env.path)
     pinging.sendall(get("vmm.ping"))  # queued behind the boot
     assert poll(lambda: env.server.open_connections == 2)
@@ -470,12 +522,13 @@ def test_busy_connections_are_never_evicted(make_env: Callable[..., ApiEnv]) -> 
     assert read_response(booting).status == 204
     assert read_response(pinging).status == 200
     assert read_response(third).status == 200
+    assert env.client.info()["state"] == "Running" and len(env.builder.vms) == 1
     for s in (booting, pinging, third):
         s.close()
 
 
-def test_client_leaving_during_a_request(fake_env: tuple[ApiEnv, FakeFactory]) -> None:
-    env, _ = fake_env
+def test_client_leaving_during_a_request(api_env: ApiEnv) -> None:
+    env = api_env
     for _ in range(20):
         s = connect(env.path)
         s.sendall(get("vm.info") + get("vmm.ping"))
@@ -487,14 +540,14 @@ def test_client_leaving_during_a_request(fake_env: tuple[ApiEnv, FakeFactory]) -
 def test_python_client_reconnects_after_server_closed_idle_connection(
     make_env: Callable[..., ApiEnv],
 ) -> None:
-    env = make_env(FakeFactory(), limits=Limits(idle_timeout=0.2))
+    env = make_env(limits=Limits(idle_timeout=0.2))
     env.client.ping()
     assert poll(lambda: env.server.open_connections == 0)
     assert env.client.ping()["version"]
 
 
-def test_python_client_raises_api_error_with_messages(fake_env: tuple[ApiEnv, FakeFactory]) -> None:
-    env, _ = fake_env
+def test_python_client_raises_api_error_with_messages(api_env: ApiEnv) -> None:
+    env = api_env
     with pytest.raises(ApiError) as e:
         env.client.pause()
     assert e.value.status == 500
@@ -502,8 +555,8 @@ def test_python_client_raises_api_error_with_messages(fake_env: tuple[ApiEnv, Fa
     assert "not created" in e.value.messages[2]
 
 
-def test_concurrent_clients(fake_env: tuple[ApiEnv, FakeFactory]) -> None:
-    env, _ = fake_env
+def test_concurrent_clients(api_env: ApiEnv) -> None:
+    env = api_env
     errors: list[BaseException] = []
 
     def worker() -> None:
