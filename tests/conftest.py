@@ -1,4 +1,6 @@
-"""Settings for the whole test suite.
+"""Settings and fixtures for the whole test suite.
+
+`guest_elf`: the built-in guest, built once per session (a build failure fails the test).
 
 Hypothesis: in CI (`CI` set, as CI services do) every property test runs derandomized: the
 same examples on every run, so a red build is the code's doing and replays locally with
@@ -12,8 +14,13 @@ from __future__ import annotations
 
 import os
 from datetime import timedelta
+from pathlib import Path
 
+import pytest
 from hypothesis import HealthCheck, settings
+
+from strato.images.builtin import ensure_builtin_guest
+from strato.images.errors import ImageError
 
 settings.register_profile(
     "ci",
@@ -29,3 +36,11 @@ _in_ci = os.environ.get("CI", "").lower() not in ("", "0", "false", "no")
 _profile = os.environ.get("HYPOTHESIS_PROFILE") or ("ci" if _in_ci else None)
 if _profile is not None:
     settings.load_profile(_profile)
+
+
+@pytest.fixture(scope="session")
+def guest_elf() -> Path:
+    try:
+        return ensure_builtin_guest()
+    except ImageError as e:
+        pytest.fail(str(e))

@@ -8,19 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from strato.images.builtin import ensure_builtin_guest
-from strato.images.errors import ImageError
 from tests.api.helpers import KVM, ApiEnv, poll
 
 pytestmark = [pytest.mark.kvm, pytest.mark.skipif(not KVM, reason="needs /dev/kvm")]
-
-
-@pytest.fixture(scope="module")
-def guest_elf() -> Path:
-    try:
-        return ensure_builtin_guest()
-    except ImageError as e:
-        pytest.fail(str(e))
 
 
 def test_builtin_guest_through_the_api(make_env: Callable[..., ApiEnv], guest_elf: Path) -> None:

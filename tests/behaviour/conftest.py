@@ -1,4 +1,4 @@
-"""Fixtures for the end-to-end behaviour tests: the built-in guest, a scratch directory."""
+"""Fixtures for the end-to-end behaviour tests: a scratch directory (`guest_elf` is suite-wide)."""
 
 from __future__ import annotations
 
@@ -7,17 +7,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
-from strato.images.builtin import ensure_builtin_guest
-from strato.images.errors import ImageError
-
-
-@pytest.fixture(scope="session")
-def guest_elf() -> Path:
-    try:
-        return ensure_builtin_guest()
-    except ImageError as e:
-        pytest.fail(str(e))
 
 
 @pytest.fixture

@@ -44,8 +44,8 @@ from strato.devices.virtio.rng import Rng
 from strato.events import EventLoop
 from strato.memory import GuestMemory
 from strato.virtio.device import VIRTIO_F_RING_EVENT_IDX
-from strato.virtio.queue import VIRTQ_DESC_F_INDIRECT
-from strato.virtio.testing import VirtioDriver
+from strato.virtio.queue import VIRTQ_DESC_F_INDIRECT, Queue
+from strato.virtio.testing import DriverQueue, VirtioDriver
 from tests.budgets.harness import AllocationPeak
 from tests.fuzz import _rings
 from tests.fuzz._rings import (
@@ -112,6 +112,37 @@ _BIG_HEAD = RingState(  # one chain: an indirect table of BIG_COUNT writable buf
 _NO_PLANT = Planted(0, [])
 
 
+def lay_out_driver(
+    dev: VirtioDeviceBase,
+    mem: GuestMemory,
+    loop: EventLoop,
+    state: RingState,
+    plant_: Planted,
+    qi: int,
+) -> tuple[VirtioDriver, DriverQueue, Queue]:
+    """Activate `dev` through a driver and lay `state` over its queue `qi`: (driver, the
+    driver's queue, the device's queue)."""
+    offered = dev.device_features
+    features = offered if state.event_idx else offered & ~(1 << VIRTIO_F_RING_EVENT_IDX)
+    drv = VirtioDriver(
+        dev,
+        mem,
+        features=features,
+        queue_size=SIZE,
+        rings_base=RINGS,
+        ring_stride=0x1000,
+        buffers_base=DRIVER_BUFFERS[0],
+        buffers_end=DRIVER_BUFFERS[1],
+    )
+    drv.activate(loop)
+    plant(mem, plant_)
+    dq = drv[qi]
+    _rings.lay_out(mem, dq.desc_table, dq.avail_ring, dq.used_ring, SIZE, state)
+    q = drv.queues[qi]
+    q.next_avail = q.next_used = state.start
+    return drv, dq, q
+
+
 def run_device(
     make: Callable[[], VirtioDeviceBase],
     state: RingState,
@@ -127,24 +158,7 @@ def run_device(
     loop = EventLoop()
     dev = make()
     try:
-        offered = dev.device_features
-        features = offered if state.event_idx else offered & ~(1 << VIRTIO_F_RING_EVENT_IDX)
-        drv = VirtioDriver(
-            dev,
-            mem,
-            features=features,
-            queue_size=SIZE,
-            rings_base=RINGS,
-            ring_stride=0x1000,
-            buffers_base=DRIVER_BUFFERS[0],
-            buffers_end=DRIVER_BUFFERS[1],
-        )
-        drv.activate(loop)
-        plant(mem, plant_)
-        dq = drv[qi]
-        _rings.lay_out(mem, dq.desc_table, dq.avail_ring, dq.used_ring, SIZE, state)
-        q = drv.queues[qi]
-        q.next_avail = q.next_used = state.start
+        drv, dq, q = lay_out_driver(dev, mem, loop, state, plant_, qi)
         allowed = [(dq.used_ring, 6 + 8 * SIZE)]
         allowed += _rings.writable_ranges(mem, dq.desc_table, SIZE)
         before = snapshot(mem)
@@ -382,24 +396,7 @@ def run_budgeted(
     dev = make()
     tracemalloc.start()
     try:
-        offered = dev.device_features
-        features = offered if state.event_idx else offered & ~(1 << VIRTIO_F_RING_EVENT_IDX)
-        drv = VirtioDriver(
-            dev,
-            mem,
-            features=features,
-            queue_size=SIZE,
-            rings_base=RINGS,
-            ring_stride=0x1000,
-            buffers_base=DRIVER_BUFFERS[0],
-            buffers_end=DRIVER_BUFFERS[1],
-        )
-        drv.activate(loop)
-        plant(mem, plant_)
-        dq = drv[qi]
-        _rings.lay_out(mem, dq.desc_table, dq.avail_ring, dq.used_ring, SIZE, state)
-        q = drv.queues[qi]
-        q.next_avail = q.next_used = state.start
+        lay_out_driver(dev, mem, loop, state, plant_, qi)
         if poke is not None:
             poke()
 

@@ -1,24 +1,11 @@
-"""Fixtures for the built-in guest tests, and a summary of boot times at the end of the run."""
+"""A summary of built-in guest boot times at the end of the run (`guest_elf` is suite-wide)."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
-
-from strato.images.builtin import ensure_builtin_guest
-from strato.images.errors import ImageError
 
 # (test id, accelerator, seconds from QEMU start to DONE), printed after the run.
 TIMINGS: list[tuple[str, str, float]] = []
-
-
-@pytest.fixture(scope="session")
-def guest_elf() -> Path:
-    try:
-        return ensure_builtin_guest()
-    except ImageError as e:
-        pytest.fail(str(e))
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:

@@ -44,13 +44,6 @@ needs_landlock = pytest.mark.skipif(_landlock_abi() < 1, reason="the kernel has 
 SYNTAX = "(syntax: path=<path/to/{file/dir}>,access=[rw])"
 
 
-@pytest.fixture(scope="module")
-def guest_elf() -> Path:
-    from strato.images.builtin import ensure_builtin_guest
-
-    return ensure_builtin_guest()
-
-
 @pytest.fixture
 def workdir() -> Iterator[Path]:
     with tempfile.TemporaryDirectory(prefix="stll") as d:

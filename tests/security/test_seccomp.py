@@ -41,13 +41,6 @@ def run(args: list[str], timeout: float = 60.0) -> subprocess.CompletedProcess[s
     )
 
 
-@pytest.fixture(scope="module")
-def guest_elf() -> Path:
-    from strato.images.builtin import ensure_builtin_guest
-
-    return ensure_builtin_guest()
-
-
 @pytest.fixture
 def workdir() -> Iterator[Path]:
     with tempfile.TemporaryDirectory(prefix="stsec") as d:
