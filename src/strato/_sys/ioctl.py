@@ -32,32 +32,44 @@ class SysError(OSError):
         self.what = what
 
 
-def _check(ret: int, what: str) -> int:
-    if ret < 0:
-        err = ctypes.get_errno()
-        raise SysError(err, what)
-    return ret
+def _failed(ret: int, what: str, restart: bool) -> bool:
+    """False when the call succeeded; True to call it again (EINTR, as PEP 475 does for the
+    os module: a signal such as SIGTERM may arrive during any ioctl); SysError otherwise."""
+    if ret >= 0:
+        return False
+    err = ctypes.get_errno()
+    if err == errno.EINTR and restart:
+        return True
+    raise SysError(err, what)
 
 
 def ioctl(fd: int, request: int, arg: Any = None, what: str = "ioctl") -> int:
     """Call ioctl(fd, request, &arg) for a ctypes object, or with no argument for None."""
-    if arg is None:
-        ret = _ioctl(ctypes.c_int(fd), ctypes.c_ulong(request), ctypes.c_ulong(0))
-    else:
-        ret = _ioctl(ctypes.c_int(fd), ctypes.c_ulong(request), ctypes.byref(arg))
-    return _check(ret, what)
+    ref = ctypes.c_ulong(0) if arg is None else ctypes.byref(arg)
+    while True:
+        ret = _ioctl(ctypes.c_int(fd), ctypes.c_ulong(request), ref)
+        if not _failed(ret, what, True):
+            return int(ret)
 
 
-def ioctl_int(fd: int, request: int, value: int = 0, what: str = "ioctl") -> int:
-    """Call ioctl(fd, request, value) where the kernel takes the argument as an integer."""
-    ret = _ioctl(ctypes.c_int(fd), ctypes.c_ulong(request), ctypes.c_ulong(value))
-    return _check(ret, what)
+def ioctl_int(
+    fd: int, request: int, value: int = 0, what: str = "ioctl", *, restart: bool = True
+) -> int:
+    """Call ioctl(fd, request, value) where the kernel takes the argument as an integer.
+
+    `restart=False` hands EINTR to the caller (KVM_RUN: a signal is how a vCPU is kicked)."""
+    while True:
+        ret = _ioctl(ctypes.c_int(fd), ctypes.c_ulong(request), ctypes.c_ulong(value))
+        if not _failed(ret, what, restart):
+            return int(ret)
 
 
 def ioctl_ptr(fd: int, request: int, address: int, what: str = "ioctl") -> int:
     """Call ioctl(fd, request, address) with a raw pointer (for variable-length structures)."""
-    ret = _ioctl(ctypes.c_int(fd), ctypes.c_ulong(request), ctypes.c_void_p(address))
-    return _check(ret, what)
+    while True:
+        ret = _ioctl(ctypes.c_int(fd), ctypes.c_ulong(request), ctypes.c_void_p(address))
+        if not _failed(ret, what, True):
+            return int(ret)
 
 
 EINTR = errno.EINTR

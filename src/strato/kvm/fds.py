@@ -219,7 +219,7 @@ class VcpuFd:
     def run(self) -> x.VcpuExit:
         """Enter the guest until the next exit; the ioctl releases the GIL."""
         try:
-            ioctl_int(self.fd, k.KVM_RUN, what="KVM_RUN")
+            ioctl_int(self.fd, k.KVM_RUN, what="KVM_RUN", restart=False)
         except SysError as e:
             if e.errno in (errno.EINTR, errno.EAGAIN):
                 return x.Interrupted()
