@@ -1,6 +1,8 @@
 """Settings and fixtures for the whole test suite.
 
 `guest_elf`: the built-in guest, built once per session (a build failure fails the test).
+`netns`: a network namespace of the test's own (`strato-t-<random>`), deleted afterwards: where
+a tap that gets an IP address must live.
 
 Hypothesis: in CI (`CI` set, as CI services do) every property test runs derandomized: the
 same examples on every run, so a red build is the code's doing and replays locally with
@@ -13,6 +15,9 @@ profile outside CI too.
 from __future__ import annotations
 
 import os
+import secrets
+import subprocess
+from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 
@@ -44,3 +49,13 @@ def guest_elf() -> Path:
         return ensure_builtin_guest()
     except ImageError as e:
         pytest.fail(str(e))
+
+
+@pytest.fixture
+def netns() -> Iterator[str]:
+    name = f"strato-t-{secrets.token_hex(4)}"
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    try:
+        yield name
+    finally:
+        subprocess.run(["ip", "netns", "del", name], check=False)

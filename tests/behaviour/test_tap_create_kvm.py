@@ -15,13 +15,11 @@ from __future__ import annotations
 import ctypes
 import json
 import os
-import secrets
 import shutil
 import socket
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -48,16 +46,6 @@ TAP = "stnew0"
 IP, MASK, PREFIX = "10.77.9.1", "255.255.255.0", 24
 HOST_MAC, GUEST_MAC = "02:00:00:77:09:01", "52:54:00:77:09:02"
 NET_CHECKS = ["net-tx", "net-csum", "net-rx", "net-mq"]
-
-
-@pytest.fixture
-def netns() -> Iterator[str]:
-    name = f"strato-t-{secrets.token_hex(4)}"
-    subprocess.run(["ip", "netns", "add", name], check=True)
-    try:
-        yield name
-    finally:
-        subprocess.run(["ip", "netns", "del", name], check=False)
 
 
 def strato(ns: str, *args: str, prefix: tuple[str, ...] = ()) -> list[str]:

@@ -10,12 +10,10 @@ from __future__ import annotations
 import errno
 import json
 import os
-import secrets
 import shutil
 import subprocess
 import sys
 import textwrap
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -47,16 +45,6 @@ def link(name):
     p = subprocess.run(["ip", "-j", "addr", "show", "dev", name], capture_output=True, text=True)
     return json.loads(p.stdout)[0] if p.returncode == 0 else None
 """
-
-
-@pytest.fixture
-def netns() -> Iterator[str]:
-    name = f"strato-t-{secrets.token_hex(4)}"
-    subprocess.run(["ip", "netns", "add", name], check=True)
-    try:
-        yield name
-    finally:
-        subprocess.run(["ip", "netns", "del", name], check=False)
 
 
 def in_ns(ns: str, code: str, *, prefix: list[str] | None = None) -> list[dict[str, Any]]:
