@@ -212,11 +212,11 @@ static u32 csum_add(u32 sum, const u8 *p, u32 len)
 	return sum;
 }
 
-/* An IPv4/UDP frame; the UDP checksum is left to the device when `offload`. */
-static u32 build_udp_frame(struct net *n, u8 *frame, struct virtio_net_hdr *h, bool offload)
+/* Ethernet (broadcast, from our MAC), IPv4 (192.0.2.1 -> 192.0.2.2, header checksum set) and
+ * UDP headers (checksum 0) around `plen` bytes of payload; returns the UDP header. */
+static u8 *put_udp_frame(struct net *n, u8 *frame, u16 sport, u16 dport, const void *payload,
+			 u32 plen)
 {
-	static const char payload[] = "STRATO-NET-CSUM checksum offload test frame";
-	u32 plen = sizeof(payload) - 1;
 	u32 udp_len = 8 + plen, ip_len = 20 + udp_len;
 	memset(frame, 0xff, 6);
 	memcpy(frame + 6, n->mac, 6);
@@ -236,14 +236,25 @@ static u32 build_udp_frame(struct net *n, u8 *frame, struct virtio_net_hdr *h, b
 	ip[10] = (u8)(ipsum >> 8);
 	ip[11] = (u8)ipsum;
 	u8 *udp = ip + 20;
-	udp[0] = 40000 >> 8;
-	udp[1] = 40000 & 0xff;
-	udp[2] = 40001 >> 8;
-	udp[3] = 40001 & 0xff;
+	udp[0] = (u8)(sport >> 8);
+	udp[1] = (u8)sport;
+	udp[2] = (u8)(dport >> 8);
+	udp[3] = (u8)dport;
 	udp[4] = (u8)(udp_len >> 8);
 	udp[5] = (u8)udp_len;
 	udp[6] = udp[7] = 0;
 	memcpy(udp + 8, payload, plen);
+	return udp;
+}
+
+/* An IPv4/UDP frame; the UDP checksum is left to the device when `offload`. */
+static u32 build_udp_frame(struct net *n, u8 *frame, struct virtio_net_hdr *h, bool offload)
+{
+	static const char payload[] = "STRATO-NET-CSUM checksum offload test frame";
+	u32 plen = sizeof(payload) - 1;
+	u32 udp_len = 8 + plen, ip_len = 20 + udp_len;
+	u8 *udp = put_udp_frame(n, frame, 40000, 40001, payload, plen);
+	u8 *ip = frame + 14;
 	/* Pseudo-header: addresses, protocol, UDP length. */
 	u32 pseudo = csum_add(0, ip + 12, 8) + 17 + udp_len;
 	memset(h, 0, sizeof(*h));
@@ -292,34 +303,9 @@ static u32 build_mq_frame(struct net *n, u8 *frame, int pair, int seq)
 {
 	char payload[48];
 	int plen = snprintf(payload, sizeof(payload), "STRATO-NET-MQ pair=%d seq=%d ", pair, seq);
-	u32 udp_len = 8 + (u32)plen, ip_len = 20 + udp_len;
-	memset(frame, 0xff, 6);
-	memcpy(frame + 6, n->mac, 6);
-	frame[12] = 0x08;
-	frame[13] = 0x00;
-	u8 *ip = frame + 14;
-	static const u8 src[4] = {192, 0, 2, 1}, dst[4] = {192, 0, 2, 2};
-	memset(ip, 0, 20);
-	ip[0] = 0x45;
-	ip[2] = (u8)(ip_len >> 8);
-	ip[3] = (u8)ip_len;
-	ip[8] = 64;
-	ip[9] = 17;
-	memcpy(ip + 12, src, 4);
-	memcpy(ip + 16, dst, 4);
-	u16 ipsum = (u16)~csum_fold(csum_add(0, ip, 20));
-	ip[10] = (u8)(ipsum >> 8);
-	ip[11] = (u8)ipsum;
-	u8 *udp = ip + 20;
-	u16 sport = (u16)(MQ_SPORT + pair), dport = (u16)(MQ_DPORT + pair);
-	udp[0] = (u8)(sport >> 8);
-	udp[1] = (u8)sport;
-	udp[2] = (u8)(dport >> 8);
-	udp[3] = (u8)dport;
-	udp[4] = (u8)(udp_len >> 8);
-	udp[5] = (u8)udp_len;
-	udp[6] = udp[7] = 0; /* no UDP checksum (IPv4 allows it) */
-	memcpy(udp + 8, payload, (usize)plen);
+	u32 ip_len = 20 + 8 + (u32)plen;
+	/* no UDP checksum (IPv4 allows it) */
+	put_udp_frame(n, frame, (u16)(MQ_SPORT + pair), (u16)(MQ_DPORT + pair), payload, (u32)plen);
 	return MAX(14 + ip_len, 60U);
 }
 
