@@ -33,9 +33,26 @@ class PayloadConfig:
 
 
 @dataclass(frozen=True)
+class CpuTopology:
+    """Cloud Hypervisor's `cpus.topology`: the product of the four is at least max_vcpus."""
+
+    threads_per_core: int = 1
+    cores_per_die: int = 1
+    dies_per_package: int = 1
+    packages: int = 1
+
+
+DEFAULT_MAX_PHYS_BITS = 46  # Cloud Hypervisor's default `cpus.max_phys_bits`
+
+
+@dataclass(frozen=True)
 class CpusConfig:
     boot_vcpus: int = 1
     max_vcpus: int = 1
+    topology: CpuTopology | None = None
+    kvm_hyperv: bool = False
+    max_phys_bits: int = DEFAULT_MAX_PHYS_BITS
+    nested: bool = True
 
 
 @dataclass(frozen=True)
@@ -43,12 +60,22 @@ class MemoryConfig:
     size: int = 512 << 20
     shared: bool = False
     hugepages: bool = False
+    hugepage_size: int | None = None
+    mergeable: bool = False
+    prefault: bool = False
+    thp: bool = True
+    hotplug_method: str = "Acpi"  # "Acpi" | "VirtioMem"
+    hotplug_size: int | None = None  # address space kept for vm.resize (issue 14)
+    hotplugged_size: int | None = None
 
 
 @dataclass(frozen=True)
 class ConsoleConfig:
     mode: ConsoleMode = ConsoleMode.NULL
-    file: Path | None = None
+    file: Path | None = None  # mode File: the file; mode Pty: the pty's path once created
+    socket: Path | None = None  # mode Socket: the unix socket strato listens on
+    id: str | None = None  # the virtio console's device id
+    pci_segment: int = 0
 
 
 @dataclass(frozen=True)
@@ -71,6 +98,7 @@ class DiskConfig:
     id: str | None = None
     serial: str | None = None
     rate_limiter: RateLimiterConfig | None = None
+    pci_segment: int = 0
 
 
 @dataclass(frozen=True)
@@ -85,11 +113,35 @@ class NetConfig:
     queue_size: int = 256
     id: str | None = None
     rate_limiter: RateLimiterConfig | None = None
+    pci_segment: int = 0
+    # Tap queue fds handed over by the client (`--net fd=[...]`, SCM_RIGHTS with vm.add-net):
+    # used instead of opening `tap`; one rx/tx queue pair per fd.
+    fds: tuple[int, ...] | None = None
+    offload_tso: bool = True
+    offload_ufo: bool = True
+    offload_csum: bool = True
 
 
 @dataclass(frozen=True)
 class RngConfig:
     src: Path = Path("/dev/urandom")
+    id: str | None = None
+    pci_segment: int = 0
+
+
+@dataclass(frozen=True)
+class VsockConfig:
+    """`--vsock cid=N,socket=PATH`: virtio-vsock with Cloud Hypervisor's hybrid vsock on PATH."""
+
+    cid: int
+    socket: Path
+    id: str | None = None
+    pci_segment: int = 0
+
+
+@dataclass(frozen=True)
+class PlatformConfig:
+    num_pci_segments: int = 1
 
 
 @dataclass(frozen=True)
@@ -111,6 +163,8 @@ class VmConfig:
     disks: tuple[DiskConfig, ...] = ()
     net: tuple[NetConfig, ...] = ()
     rng: RngConfig | None = None
+    vsock: VsockConfig | None = None
+    platform: PlatformConfig = field(default_factory=PlatformConfig)
     no_reboot: bool = False
     acpi: bool = True
     seccomp: str = "true"  # "true" | "false" | "log" (strato.vmm.seccomp)
